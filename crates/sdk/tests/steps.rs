@@ -1,0 +1,592 @@
+//! Step semantics over real HTTP: the SDK on loopback, reqwest playing the server.
+
+mod common;
+
+use std::time::Duration;
+
+use cairn_sdk::{Client, Ctx, Error, Event, Function, Invoke, Wait};
+use common::*;
+use serde_json::{json, Value};
+
+fn client() -> Client {
+    Client::builder("app").dev(true).build().unwrap()
+}
+
+fn founding(client: &Client) -> Function {
+    client
+        .function("seed-cron")
+        .cron("0 * * * *")
+        .event("demo/seed")
+        .retries(3)
+        .handler(|ctx: Ctx<Value>| async move {
+            let step = ctx.step();
+            let big: String = step
+                .run("collect-data", || async { Ok("x".repeat(1_000_000)) })
+                .await?;
+            let digest: String = step
+                .run("digest", || async move { Ok(big[..100].to_string()) })
+                .await?;
+            step.run("finalize", || async { Ok(json!({ "done": true })) })
+                .await?;
+            Ok(json!({ "len": digest.len() }))
+        })
+}
+
+#[tokio::test]
+async fn founding_function_runs_to_completion_one_step_per_call() {
+    let c = client();
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [founding(&c)])).await;
+
+    let a = call(
+        &url,
+        "app-seed-cron",
+        "step",
+        &CallBuilder::new(json!({})).build(),
+        None,
+    )
+    .await;
+    let op = &a.ops()[0];
+    assert_eq!(op["op"], "StepRun");
+    assert_eq!(op["id"], hash("collect-data"));
+    assert_eq!(op["displayName"], "collect-data");
+    assert_eq!(op["userland"]["id"], "collect-data");
+    assert_eq!(op["data"].as_str().unwrap().len(), 1_000_000);
+    assert_eq!(a.header("x-inngest-sdk"), Some(cairn_sdk::SDK_HEADER));
+    assert_eq!(a.header("x-inngest-req-version"), Some("2"));
+    assert_eq!(a.header("x-inngest-framework"), Some("axum"));
+    assert!(
+        a.header("x-inngest-no-retry").is_none(),
+        "no error, no header"
+    );
+
+    let big = op["data"].clone();
+    let b = CallBuilder::new(json!({})).data("collect-data", big);
+    let ans = call(&url, "app-seed-cron", "step", &b.build(), None).await;
+    let op = &ans.ops()[0];
+    assert_eq!(op["op"], "StepRun");
+    assert_eq!(op["id"], hash("digest"));
+    assert_eq!(op["data"], "x".repeat(100));
+
+    let b = b.data("digest", json!("x".repeat(100)));
+    let ans = call(&url, "app-seed-cron", "step", &b.build(), None).await;
+    assert_eq!(ans.ops()[0]["id"], hash("finalize"));
+    assert_eq!(ans.ops()[0]["data"], json!({"done": true}));
+
+    let b = b.data("finalize", json!({"done": true}));
+    let ans = call(&url, "app-seed-cron", "step", &b.build(), None).await;
+    assert_eq!(ans.status, 200);
+    assert_eq!(ans.body, json!({"len": 100}));
+}
+
+fn parallel(client: &Client) -> Function {
+    client
+        .function("parallel")
+        .event("demo/p")
+        .handler(|ctx: Ctx<Value>| async move {
+            let step = ctx.step();
+            let (a, b) = futures::join!(
+                step.run("a", || async { Ok(1) }),
+                step.run("b", || async { Ok(2) }),
+            );
+            Ok(json!({"sum": a? + b?}))
+        })
+}
+
+#[tokio::test]
+async fn parallel_steps_are_planned_together_then_run_when_targeted() {
+    let c = client();
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [parallel(&c)])).await;
+    let ans = call(
+        &url,
+        "app-parallel",
+        "step",
+        &CallBuilder::new(json!({})).build(),
+        None,
+    )
+    .await;
+    let ops = ans.ops();
+    assert_eq!(ops.len(), 2);
+    assert!(ops.iter().all(|o| o["op"] == "StepPlanned"));
+    assert_eq!(ops[0]["id"], hash("a"));
+    assert_eq!(ops[1]["id"], hash("b"));
+
+    let mut b = CallBuilder::new(json!({}));
+    b.disable_immediate_execution = true;
+    let ans = call(&url, "app-parallel", &hash("b"), &b.build(), None).await;
+    let ops = ans.ops();
+    assert_eq!(ops.len(), 1, "a targeted call reports only its step");
+    assert_eq!(ops[0]["op"], "StepRun");
+    assert_eq!(ops[0]["id"], hash("b"));
+    assert_eq!(ops[0]["data"], 2);
+
+    let b = b.data("b", json!(2)).data("a", json!(1));
+    let ans = call(&url, "app-parallel", "step", &b.build(), None).await;
+    assert_eq!(ans.status, 200);
+    assert_eq!(ans.body, json!({"sum": 3}));
+}
+
+#[tokio::test]
+async fn memoised_races_replay_in_the_servers_completion_order() {
+    let c = client();
+    let race =
+        c.function("race")
+            .event("demo/r")
+            .handler(|ctx: Ctx<Value>| async move {
+                let step = ctx.step();
+                let a = std::pin::pin!(step.run("a", || async { Ok("a".to_string()) }));
+                let b = std::pin::pin!(step.run("b", || async { Ok("b".to_string()) }));
+                let winner = match futures::future::select(a, b).await {
+                    futures::future::Either::Left((w, _))
+                    | futures::future::Either::Right((w, _)) => w?,
+                };
+                Ok(json!({ "winner": winner }))
+            });
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [race])).await;
+    let b_first = CallBuilder::new(json!({}))
+        .data("b", json!("b"))
+        .data("a", json!("a"));
+    let ans = call(&url, "app-race", "step", &b_first.build(), None).await;
+    assert_eq!(ans.body, json!({"winner": "b"}));
+    let a_first = CallBuilder::new(json!({}))
+        .data("a", json!("a"))
+        .data("b", json!("b"));
+    let ans = call(&url, "app-race", "step", &a_first.build(), None).await;
+    assert_eq!(ans.body, json!({"winner": "a"}));
+}
+
+#[tokio::test]
+async fn repeated_ids_in_a_loop_get_indexed_ids() {
+    let c = client();
+    let looped = c
+        .function("loop")
+        .event("demo/l")
+        .handler(|ctx: Ctx<Value>| async move {
+            let step = ctx.step();
+            let mut total = 0;
+            for i in 0..3 {
+                total += step.run("item", move || async move { Ok(i * 10) }).await?;
+            }
+            Ok(json!(total))
+        });
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [looped])).await;
+    let b = CallBuilder::new(json!({}))
+        .data("item", json!(0))
+        .data("item:1", json!(10));
+    let ans = call(&url, "app-loop", "step", &b.build(), None).await;
+    let op = &ans.ops()[0];
+    assert_eq!(op["id"], hash("item:2"));
+    assert_eq!(op["userland"], json!({"id": "item", "index": 2}));
+    assert_eq!(op["data"], 20);
+    let ans = call(
+        &url,
+        "app-loop",
+        "step",
+        &b.data("item:2", json!(20)).build(),
+        None,
+    )
+    .await;
+    assert_eq!(ans.body, json!(30));
+}
+
+fn flaky(client: &Client) -> Function {
+    client
+        .function("flaky")
+        .event("demo/f")
+        .handler(|ctx: Ctx<Value>| async move {
+            let kind = ctx.event.data["kind"]
+                .as_str()
+                .unwrap_or("plain")
+                .to_string();
+            let step = ctx.step();
+            let out: Result<u32, Error> = step
+                .run("boom", move || async move {
+                    match kind.as_str() {
+                        "fatal" => Err(Error::non_retriable("no way")),
+                        "later" => Err(Error::retry_after(Duration::from_secs(90), "busy")),
+                        _ => Err(Error::msg("step broke")),
+                    }
+                })
+                .await;
+            match out {
+                Err(Error::Step(e)) if ctx.event.data["catch"] == true => {
+                    Ok(json!({"caught": e.step, "message": e.error.message}))
+                }
+                other => Ok(json!(other?)),
+            }
+        })
+}
+
+#[tokio::test]
+async fn step_errors_retry_until_the_last_attempt_then_fail() {
+    let c = client();
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [flaky(&c)])).await;
+
+    let ans = call(
+        &url,
+        "app-flaky",
+        "step",
+        &CallBuilder::new(json!({})).attempt(0, 3).build(),
+        None,
+    )
+    .await;
+    let op = &ans.ops()[0];
+    assert_eq!(op["op"], "StepError");
+    assert_eq!(op["error"]["message"], "step broke");
+    assert_eq!(ans.header("x-inngest-no-retry"), Some("false"));
+
+    let ans = call(
+        &url,
+        "app-flaky",
+        "step",
+        &CallBuilder::new(json!({})).attempt(2, 3).build(),
+        None,
+    )
+    .await;
+    assert_eq!(ans.ops()[0]["op"], "StepFailed");
+    assert_eq!(ans.header("x-inngest-no-retry"), Some("true"));
+
+    let b = CallBuilder::new(json!({"kind": "fatal"})).attempt(0, 3);
+    let ans = call(&url, "app-flaky", "step", &b.build(), None).await;
+    assert_eq!(
+        ans.ops()[0]["op"],
+        "StepFailed",
+        "non-retriable fails at once"
+    );
+
+    let b = CallBuilder::new(json!({"kind": "later"})).attempt(0, 3);
+    let ans = call(&url, "app-flaky", "step", &b.build(), None).await;
+    assert_eq!(ans.ops()[0]["op"], "StepError");
+    assert_eq!(ans.header("retry-after"), Some("90"));
+}
+
+#[tokio::test]
+async fn a_memoised_step_failure_is_a_typed_error_user_code_can_catch() {
+    let c = client();
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [flaky(&c)])).await;
+    let failed = json!({"error": {"name": "Error", "message": "step broke", "stack": ""}});
+
+    let b = CallBuilder::new(json!({"catch": true})).memo("boom", failed.clone());
+    let ans = call(&url, "app-flaky", "step", &b.build(), None).await;
+    assert_eq!(ans.status, 200);
+    assert_eq!(ans.body, json!({"caught": "boom", "message": "step broke"}));
+
+    // Uncaught, it fails the function without retries (the step already used them).
+    let b = CallBuilder::new(json!({})).memo("boom", failed);
+    let ans = call(&url, "app-flaky", "step", &b.build(), None).await;
+    assert_eq!(ans.status, 400);
+    assert_eq!(ans.header("x-inngest-no-retry"), Some("true"));
+    assert_eq!(ans.body["message"], "step broke");
+}
+
+#[tokio::test]
+async fn function_errors_map_to_status_and_retry_headers() {
+    let c = client();
+    let f = c
+        .function("err")
+        .event("demo/e")
+        .handler(|ctx: Ctx<Value>| async move {
+            match ctx.event.data["kind"].as_str() {
+                Some("fatal") => Err::<Value, _>(Error::non_retriable("bad input")),
+                Some("later") => Err(Error::retry_after(Duration::from_millis(1500), "busy")),
+                // Any std error converts with `?`.
+                _ => Ok(json!("nan".parse::<u32>()?)),
+            }
+        });
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [f])).await;
+    let ans = call(
+        &url,
+        "app-err",
+        "step",
+        &CallBuilder::new(json!({})).build(),
+        None,
+    )
+    .await;
+    assert_eq!(ans.status, 500);
+    assert_eq!(ans.header("x-inngest-no-retry"), Some("false"));
+    assert_eq!(ans.body["message"], "invalid digit found in string");
+    assert_eq!(ans.body["__serialized"], true);
+
+    let ans = call(
+        &url,
+        "app-err",
+        "step",
+        &CallBuilder::new(json!({"kind": "fatal"})).build(),
+        None,
+    )
+    .await;
+    assert_eq!(ans.status, 400);
+    assert_eq!(ans.header("x-inngest-no-retry"), Some("true"));
+    assert_eq!(ans.body["name"], "NonRetriableError");
+
+    let ans = call(
+        &url,
+        "app-err",
+        "step",
+        &CallBuilder::new(json!({"kind": "later"})).build(),
+        None,
+    )
+    .await;
+    assert_eq!(ans.status, 500);
+    assert_eq!(
+        ans.header("retry-after"),
+        Some("2"),
+        "rounded up to whole seconds"
+    );
+}
+
+#[derive(serde::Deserialize, serde::Serialize, Debug)]
+struct Approval {
+    id: u32,
+    ok: bool,
+}
+
+fn tools(client: &Client) -> Function {
+    client
+        .function("tools")
+        .event("demo/t")
+        .handler(|ctx: Ctx<Value>| async move {
+            let step = ctx.step();
+            step.sleep("nap", Duration::from_secs(3600)).await?;
+            let approval = step
+                .wait_for_event::<Approval>(
+                    "approve",
+                    Wait::event("app/approved")
+                        .matching("data.id")
+                        .timeout(Duration::from_secs(60)),
+                )
+                .await?;
+            let child: String = step
+                .invoke_with(
+                    "child",
+                    Invoke::new("app-child")
+                        .data(json!({"n": 1}))
+                        .timeout(Duration::from_secs(600)),
+                )
+                .await?;
+            Ok(json!({"approved": approval.map(|e| e.data.ok), "child": child}))
+        })
+}
+
+#[tokio::test]
+async fn sleep_wait_and_invoke_report_their_ops_and_read_their_memos() {
+    let c = client();
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [tools(&c)])).await;
+    let b = CallBuilder::new(json!({}));
+    let ans = call(&url, "app-tools", "step", &b.build(), None).await;
+    let op = &ans.ops()[0];
+    assert_eq!(op["op"], "Sleep");
+    assert_eq!(op["name"], "1h");
+    assert_eq!(op["opts"]["duration"], "1h");
+
+    let b = b.memo("nap", Value::Null);
+    let ans = call(&url, "app-tools", "step", &b.build(), None).await;
+    let op = &ans.ops()[0];
+    assert_eq!(op["op"], "WaitForEvent");
+    assert_eq!(op["id"], hash("approve"));
+    assert_eq!(op["name"], "app/approved");
+    assert_eq!(
+        op["opts"],
+        json!({"event": "app/approved", "timeout": "1m", "if": "event.data.id == async.data.id"})
+    );
+
+    let event = json!({"name": "app/approved", "data": {"id": 1, "ok": true}, "id": "01E", "ts": 1, "user": {}});
+    let b = b.memo("approve", event);
+    let ans = call(&url, "app-tools", "step", &b.build(), None).await;
+    let op = &ans.ops()[0];
+    assert_eq!(op["op"], "InvokeFunction");
+    assert_eq!(
+        op["opts"],
+        json!({"function_id": "app-child", "payload": {"data": {"n": 1}}, "timeout": "10m"})
+    );
+
+    let ans = call(
+        &url,
+        "app-tools",
+        "step",
+        &b.data("child", json!("done")).build(),
+        None,
+    )
+    .await;
+    assert_eq!(ans.status, 200);
+    assert_eq!(ans.body, json!({"approved": true, "child": "done"}));
+
+    // A timed-out wait memoises null: the step returns None.
+    let b = CallBuilder::new(json!({}))
+        .memo("nap", Value::Null)
+        .memo("approve", Value::Null)
+        .data("child", json!("done"));
+    let ans = call(&url, "app-tools", "step", &b.build(), None).await;
+    assert_eq!(ans.body, json!({"approved": null, "child": "done"}));
+}
+
+#[tokio::test]
+async fn send_event_step_runs_inline_and_posts_to_the_event_api() {
+    use axum::routing::post;
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<(String, String, Value)>>> = Arc::default();
+    let seen2 = seen.clone();
+    let fake = axum::Router::new().route(
+        "/e/{key}",
+        post(
+            move |axum::extract::Path(key): axum::extract::Path<String>,
+                  headers: axum::http::HeaderMap,
+                  body: axum::Json<Value>| {
+                let seen = seen2.clone();
+                async move {
+                    let seed = headers
+                        .get("x-inngest-event-id-seed")
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_string();
+                    seen.lock().unwrap().push((key, seed, body.0));
+                    axum::Json(json!({"ids": ["01A", "01B"], "status": 200}))
+                }
+            },
+        ),
+    );
+    let server = listen(fake).await;
+    let c = Client::builder("app")
+        .dev(true)
+        .base_url(&server)
+        .event_key("k1")
+        .build()
+        .unwrap();
+    let f = c
+        .function("sender")
+        .event("demo/s")
+        .handler(|ctx: Ctx<Value>| async move {
+            let sent = ctx
+                .step()
+                .send_event(
+                    "send",
+                    vec![
+                        Event::new("app/a", json!({"x": 1})),
+                        Event::new("app/b", json!({})),
+                    ],
+                )
+                .await?;
+            Ok(json!(sent.ids))
+        });
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [f])).await;
+    let ans = call(
+        &url,
+        "app-sender",
+        "step",
+        &CallBuilder::new(json!({})).build(),
+        None,
+    )
+    .await;
+    let op = &ans.ops()[0];
+    assert_eq!(op["op"], "StepRun");
+    assert_eq!(op["name"], "sendEvent");
+    assert_eq!(op["opts"], json!({"type": "step.sendEvent"}));
+    assert_eq!(op["data"], json!({"ids": ["01A", "01B"]}));
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    let (key, seed, body) = &seen[0];
+    assert_eq!(key, "k1");
+    assert!(seed.contains(','), "seed is `<ms>,<base64>`: {seed}");
+    assert_eq!(body[0]["name"], "app/a");
+    assert!(body[0]["ts"].as_i64().unwrap() > 0, "ts is filled in");
+}
+
+#[tokio::test]
+async fn client_send_retries_with_the_same_id_seed() {
+    use axum::routing::post;
+    use std::sync::{Arc, Mutex};
+    let seeds: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seeds2 = seeds.clone();
+    let fake = axum::Router::new().route(
+        "/e/{key}",
+        post(move |headers: axum::http::HeaderMap| {
+            let seeds = seeds2.clone();
+            async move {
+                let mut s = seeds.lock().unwrap();
+                s.push(
+                    headers["x-inngest-event-id-seed"]
+                        .to_str()
+                        .unwrap()
+                        .to_string(),
+                );
+                if s.len() == 1 {
+                    (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        axum::Json(json!({"status": 500, "error": "oops"})),
+                    )
+                } else {
+                    (
+                        axum::http::StatusCode::OK,
+                        axum::Json(json!({"status": 200, "ids": ["01X"]})),
+                    )
+                }
+            }
+        }),
+    );
+    let server = listen(fake).await;
+    let c = Client::builder("app")
+        .dev(true)
+        .base_url(&server)
+        .build()
+        .unwrap();
+    let res = c.send(Event::new("app/x", json!({"a": 1}))).await.unwrap();
+    assert_eq!(res.ids, vec!["01X".to_string()]);
+    let seeds = seeds.lock().unwrap();
+    assert_eq!(seeds.len(), 2);
+    assert_eq!(seeds[0], seeds[1]);
+}
+
+static STASH: std::sync::Mutex<Vec<cairn_sdk::Step>> = std::sync::Mutex::new(Vec::new());
+
+#[tokio::test]
+async fn a_step_handle_kept_after_the_request_reports_run_finished() {
+    let c = client();
+    let f = c
+        .function("stash")
+        .event("demo/s")
+        .handler(|ctx: Ctx<Value>| async move {
+            let step = ctx.step();
+            assert!(step.is_live());
+            STASH.lock().unwrap().push(step.clone());
+            let v: u32 = step.run("one", || async { Ok(1) }).await?;
+            Ok(json!(v))
+        });
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [f])).await;
+    let ans = call(
+        &url,
+        "app-stash",
+        "step",
+        &CallBuilder::new(json!({})).build(),
+        None,
+    )
+    .await;
+    assert_eq!(ans.ops()[0]["op"], "StepRun");
+    let step = STASH.lock().unwrap().pop().unwrap();
+    assert!(!step.is_live());
+    let res = step.run("late", || async { Ok(2u32) }).await;
+    assert!(matches!(res, Err(Error::RunFinished)), "{res:?}");
+    let res = step.sleep("late-nap", Duration::from_secs(1)).await;
+    assert!(matches!(res, Err(Error::RunFinished)));
+}
+
+#[tokio::test]
+async fn targeted_call_for_a_step_that_never_appears_answers_step_not_found() {
+    let c = client();
+    let opts = cairn_sdk::ServeOptions {
+        step_not_found_timeout: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let url = serve_sdk(cairn_sdk::serve_with(c.clone(), [founding(&c)], opts)).await;
+    let ans = call(
+        &url,
+        "app-seed-cron",
+        &hash("nope"),
+        &CallBuilder::new(json!({})).build(),
+        None,
+    )
+    .await;
+    assert_eq!(ans.status, 500);
+    assert_eq!(ans.body["requestedStep"], hash("nope"));
+    assert_eq!(ans.body["foundSteps"][0]["name"], "collect-data");
+    assert_eq!(ans.header("x-inngest-no-retry"), Some("false"));
+}
