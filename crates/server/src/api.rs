@@ -1,0 +1,522 @@
+//! HTTP edges: the Inngest-compatible event, sync and REST APIs.
+
+use crate::store::{AppRecord, FunctionRecord, NewEvent, Run, RunStatus, StoredEvent};
+use crate::{Engine, Mode};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cairn_protocol::{headers, signature, RegisterRequest};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+/// Largest single event accepted.
+pub const MAX_EVENT_BYTES: usize = 512 * 1024;
+/// Largest request body (a batch of events or a sync).
+const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+type S = State<Arc<Engine>>;
+
+/// Build the router for an engine.
+pub fn router(engine: Arc<Engine>) -> Router {
+    let authed = Router::new()
+        .route("/fn/register", post(register))
+        .route("/invoke/{slug}", post(invoke))
+        .route("/v0/runs/{id}/actions", get(run_actions))
+        .route("/v0/runs/{id}/batch", get(run_batch))
+        .route("/v0/runs/{id}", axum::routing::delete(cancel_run))
+        .route("/v1/events", get(list_events))
+        .route("/v1/events/{id}", get(get_event))
+        .route("/v1/events/{id}/runs", get(event_runs))
+        .route("/v1/runs/{id}", get(get_run).delete(cancel_run))
+        .route("/v1/apps/{app}/functions", get(app_functions))
+        .route_layer(middleware::from_fn_with_state(engine.clone(), bearer_auth));
+    Router::new()
+        .route("/e/{key}", post(ingest))
+        .route("/dev", get(dev_info))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .merge(authed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(engine.clone(), server_kind))
+        .with_state(engine)
+}
+
+fn kind(engine: &Engine) -> &'static str {
+    match engine.config.mode {
+        Mode::Dev => "dev",
+        Mode::Start => "cloud",
+    }
+}
+
+async fn server_kind(State(engine): S, req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    resp.headers_mut().insert(
+        headers::SERVER_KIND,
+        HeaderValue::from_static(kind(&engine)),
+    );
+    resp
+}
+
+fn err(status: StatusCode, msg: impl Into<String>) -> Response {
+    let msg = msg.into();
+    (
+        status,
+        Json(json!({"status": status.as_u16(), "error": msg, "message": msg})),
+    )
+        .into_response()
+}
+
+async fn bearer_auth(State(engine): S, req: Request, next: Next) -> Response {
+    if engine.config.mode == Mode::Start {
+        let key = engine.config.signing_key.as_deref().unwrap_or_default();
+        let token = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .unwrap_or_default();
+        if token.is_empty() || !signature::bearer_matches(token, key) {
+            return err(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized: missing or invalid signing key bearer token",
+            );
+        }
+    }
+    next.run(req).await
+}
+
+/// Validate and normalise one incoming event; `Err` says what is wrong.
+fn normalise_event(mut v: Value, now: i64, internal_id: &str) -> Result<Value, String> {
+    let Some(obj) = v.as_object_mut() else {
+        return Err("event must be a JSON object".into());
+    };
+    let name = match obj.get("name") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        _ => return Err("event is missing a name".into()),
+    };
+    if name.starts_with(cairn_protocol::event::RESERVED_PREFIX) {
+        return Err(format!(
+            "event name {name:?} uses the reserved inngest/ prefix"
+        ));
+    }
+    if name.len() > 512 {
+        return Err("event name is longer than 512 characters".into());
+    }
+    match obj.get_mut("data") {
+        None | Some(Value::Null) => {
+            obj.insert("data".into(), json!({}));
+        }
+        Some(Value::Object(d)) => {
+            d.remove("_inngest");
+        }
+        Some(_) => return Err("event data must be an object".into()),
+    }
+    if !matches!(obj.get("user"), Some(Value::Object(_))) {
+        obj.insert("user".into(), json!({}));
+    }
+    match obj.get("ts") {
+        Some(Value::Number(n)) if n.as_i64().is_some_and(|t| t > 0) => {}
+        _ => {
+            obj.insert("ts".into(), json!(now));
+        }
+    }
+    match obj.get("id") {
+        Some(Value::String(s)) if !s.is_empty() => {}
+        _ => {
+            obj.insert("id".into(), json!(internal_id));
+        }
+    }
+    Ok(v)
+}
+
+async fn ingest(State(engine): S, Path(key): Path<String>, body: Bytes) -> Response {
+    if engine.config.mode == Mode::Start && !engine.config.event_keys.iter().any(|k| k == &key) {
+        return err(StatusCode::UNAUTHORIZED, "Event key not found");
+    }
+    let parsed: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return err(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+    };
+    let raw = match parsed {
+        Value::Array(a) => a,
+        v @ Value::Object(_) => vec![v],
+        _ => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                "body must be an event object or an array of events",
+            )
+        }
+    };
+    if raw.is_empty() {
+        return (StatusCode::OK, Json(json!({"ids": [], "status": 200}))).into_response();
+    }
+    let now = engine.now();
+    let mut events = Vec::with_capacity(raw.len());
+    for (i, v) in raw.into_iter().enumerate() {
+        let size = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0);
+        if size > MAX_EVENT_BYTES {
+            return err(
+                StatusCode::BAD_REQUEST,
+                format!("event {i} is {size} bytes; the limit is {MAX_EVENT_BYTES}"),
+            );
+        }
+        let internal_id = ulid::Ulid::new().to_string();
+        match normalise_event(v, now, &internal_id) {
+            Ok(event) => events.push(NewEvent {
+                internal_id,
+                event,
+                received_at: now,
+                target_fn: None,
+            }),
+            Err(e) => return err(StatusCode::BAD_REQUEST, format!("event {i}: {e}")),
+        }
+    }
+    let ids: Vec<String> = events.iter().map(|e| e.internal_id.clone()).collect();
+    let n = events.len();
+    // Acknowledge only after commit.
+    if let Err(e) = engine.store.insert_events(events).await {
+        return err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("storing events: {e}"),
+        );
+    }
+    metrics::counter!("cairn_events_received_total").increment(n as u64);
+    engine.events_wake.notify_one();
+    (StatusCode::OK, Json(json!({"ids": ids, "status": 200}))).into_response()
+}
+
+fn validate_function(f: &cairn_protocol::FunctionConfig) -> Result<(), String> {
+    if f.id.is_empty() {
+        return Err("function without an id".into());
+    }
+    if f.url().is_none() {
+        return Err(format!("function {}: no step runtime URL", f.id));
+    }
+    if f.triggers.is_empty() {
+        return Err(format!("function {}: no triggers", f.id));
+    }
+    for t in &f.triggers {
+        match t {
+            cairn_protocol::Trigger::Event { event, expression } => {
+                if event.is_empty() {
+                    return Err(format!("function {}: empty trigger event", f.id));
+                }
+                if let Some(e) = expression.as_deref().filter(|e| !e.trim().is_empty()) {
+                    crate::matcher::check_expr(e).map_err(|m| format!("function {}: {m}", f.id))?;
+                }
+            }
+            cairn_protocol::Trigger::Cron { cron, .. } => {
+                crate::timers::parse_cron(cron).map_err(|m| format!("function {}: {m}", f.id))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn register(State(engine): S, hdrs: HeaderMap, body: Bytes) -> Response {
+    if let Some(expected) = hdrs
+        .get(headers::EXPECTED_SERVER_KIND)
+        .and_then(|v| v.to_str().ok())
+    {
+        if !expected.is_empty() && expected != kind(&engine) {
+            return err(
+                StatusCode::BAD_REQUEST,
+                format!("Expected server kind {}, got {expected}", kind(&engine)),
+            );
+        }
+    }
+    let mut raw: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return err(StatusCode::BAD_REQUEST, format!("invalid sync body: {e}")),
+    };
+    let req: RegisterRequest = match serde_json::from_value(raw.clone()) {
+        Ok(r) => r,
+        Err(e) => return err(StatusCode::BAD_REQUEST, format!("invalid sync body: {e}")),
+    };
+    if req.app_name.trim().is_empty() {
+        return err(StatusCode::BAD_REQUEST, "appName is required");
+    }
+    for f in &req.functions {
+        if let Err(e) = validate_function(f) {
+            return err(
+                StatusCode::BAD_REQUEST,
+                format!("At least one function is invalid: {e}"),
+            );
+        }
+    }
+    if let Some(o) = raw.as_object_mut() {
+        o.remove("featureObservations");
+    }
+    let checksum = hex::encode(Sha256::digest(cairn_protocol::signature::canonical_json(
+        &raw,
+    )));
+    let app = AppRecord {
+        name: req.app_name.clone(),
+        url: req.url.clone(),
+        sdk: req.sdk.clone(),
+        checksum,
+        synced_at: engine.now(),
+    };
+    let functions = req
+        .functions
+        .iter()
+        .map(|f| FunctionRecord {
+            slug: f.id.clone(),
+            app: req.app_name.clone(),
+            config: serde_json::to_value(f).unwrap_or(Value::Null),
+        })
+        .collect();
+    let modified = match engine.store.sync_app(app, functions).await {
+        Ok(m) => m,
+        Err(e) => {
+            return err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("storing sync: {e}"),
+            )
+        }
+    };
+    if let Err(e) = engine.registry.reload(engine.store.as_ref()).await {
+        return err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reloading functions: {e}"),
+        );
+    }
+    engine.cron_wake.notify_one();
+    tracing::info!(app = %req.app_name, functions = req.functions.len(), modified, "app synced");
+    Json(json!({
+        "ok": true, "modified": modified, "app_id": req.app_name,
+        "sync_id": ulid::Ulid::new().to_string(), "status": 200,
+    }))
+    .into_response()
+}
+
+async fn dev_info(State(engine): S) -> Response {
+    if engine.config.mode != Mode::Dev {
+        return err(StatusCode::NOT_FOUND, "not a dev server");
+    }
+    let functions: Vec<Value> = engine
+        .registry
+        .all()
+        .iter()
+        .map(|f| json!({"id": f.slug, "name": f.config.name}))
+        .collect();
+    Json(json!({"version": env!("CARGO_PKG_VERSION"), "server": "cairn", "functions": functions}))
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct InvokeBody {
+    #[serde(default)]
+    data: Option<Value>,
+    #[serde(default)]
+    user: Option<Value>,
+}
+
+async fn invoke(State(engine): S, Path(slug): Path<String>, body: Bytes) -> Response {
+    if engine.registry.get(&slug).is_none() {
+        return err(StatusCode::NOT_FOUND, format!("function {slug} not found"));
+    }
+    let b: InvokeBody = if body.is_empty() {
+        InvokeBody {
+            data: None,
+            user: None,
+        }
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => return err(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+        }
+    };
+    let now = engine.now();
+    let internal_id = ulid::Ulid::new().to_string();
+    let mut data = b.data.filter(Value::is_object).unwrap_or(json!({}));
+    data["_inngest"] = json!({"fn_id": slug});
+    let event = NewEvent {
+        internal_id: internal_id.clone(),
+        event: json!({"name": "inngest/function.invoked", "id": internal_id, "data": data,
+                      "user": b.user.unwrap_or(json!({})), "ts": now}),
+        received_at: now,
+        target_fn: Some(slug),
+    };
+    if let Err(e) = engine.store.insert_events(vec![event]).await {
+        return err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("storing event: {e}"),
+        );
+    }
+    engine.events_wake.notify_one();
+    Json(json!({"id": internal_id, "status": 200})).into_response()
+}
+
+fn wrap(data: Value) -> Response {
+    Json(json!({"data": data, "metadata": {"fetched_at": chrono::Utc::now().to_rfc3339()}}))
+        .into_response()
+}
+
+fn ms_to_rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default()
+}
+
+fn run_json(r: &Run) -> Value {
+    json!({
+        "run_id": r.run_id,
+        "function_id": r.fn_slug,
+        "status": r.status.as_str(),
+        "output": r.output,
+        "event_id": r.events.first().and_then(|e| e.get("id")).cloned(),
+        "run_started_at": ms_to_rfc3339(r.created_at),
+        "ended_at": r.ended_at.map(ms_to_rfc3339),
+    })
+}
+
+fn event_json(e: &StoredEvent) -> Value {
+    let mut v = e.event.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("internal_id".into(), json!(e.internal_id));
+        o.insert("received_at".into(), json!(ms_to_rfc3339(e.received_at)));
+    }
+    v
+}
+
+async fn run_actions(State(engine): S, Path(id): Path<String>) -> Response {
+    match engine.store.get_run(&id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return err(StatusCode::NOT_FOUND, "run not found"),
+        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+    match engine.store.steps(&id).await {
+        Ok(steps) => Json(Value::Object(steps.into_iter().collect())).into_response(),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn run_batch(State(engine): S, Path(id): Path<String>) -> Response {
+    match engine.store.get_run(&id).await {
+        Ok(Some(r)) => Json(Value::Array(r.events)).into_response(),
+        Ok(None) => err(StatusCode::NOT_FOUND, "run not found"),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn get_run(State(engine): S, Path(id): Path<String>) -> Response {
+    match engine.store.get_run(&id).await {
+        Ok(Some(r)) => wrap(run_json(&r)),
+        Ok(None) => err(StatusCode::NOT_FOUND, "run not found"),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn cancel_run(State(engine): S, Path(id): Path<String>) -> Response {
+    match engine.store.get_run(&id).await {
+        Ok(Some(r)) if r.status != RunStatus::Running => {
+            return err(
+                StatusCode::CONFLICT,
+                format!("run is already {}", r.status.as_str()),
+            )
+        }
+        Ok(Some(_)) => {}
+        Ok(None) => return err(StatusCode::NOT_FOUND, "run not found"),
+        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+    match engine.store.cancel_run(&id, engine.now()).await {
+        Ok(_) => {
+            engine.queue_wake.notify_one();
+            metrics::counter!("cairn_runs_cancelled_total").increment(1);
+            wrap(json!({"run_id": id, "status": "Cancelled"}))
+        }
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    limit: Option<usize>,
+    name: Option<String>,
+}
+
+async fn list_events(State(engine): S, Query(q): Query<EventsQuery>) -> Response {
+    match engine
+        .store
+        .list_events(q.limit.unwrap_or(50).min(1000), q.name)
+        .await
+    {
+        Ok(evs) => wrap(Value::Array(evs.iter().map(event_json).collect())),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn get_event(State(engine): S, Path(id): Path<String>) -> Response {
+    match engine.store.get_event(&id).await {
+        Ok(Some(e)) => wrap(event_json(&e)),
+        Ok(None) => err(StatusCode::NOT_FOUND, "event not found"),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn event_runs(State(engine): S, Path(id): Path<String>) -> Response {
+    let ev = match engine.store.get_event(&id).await {
+        Ok(Some(e)) => e,
+        Ok(None) => return err(StatusCode::NOT_FOUND, "event not found"),
+        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    match engine.store.runs_for_event(&ev.internal_id).await {
+        Ok(runs) => wrap(Value::Array(runs.iter().map(run_json).collect())),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn app_functions(State(engine): S, Path(app): Path<String>) -> Response {
+    let fns: Vec<Value> = engine
+        .registry
+        .all()
+        .iter()
+        .filter(|f| f.app == app)
+        .map(|f| json!({"id": f.slug, "slug": f.slug, "name": f.config.name, "triggers": f.config.triggers}))
+        .collect();
+    wrap(Value::Array(fns))
+}
+
+async fn metrics(State(engine): S) -> Response {
+    if let Ok(depth) = engine.store.queue_depth().await {
+        metrics::gauge!("cairn_queue_depth").set(depth as f64);
+    }
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        crate::metrics_export::render(),
+    )
+        .into_response()
+}
+
+/// Send the sync `PUT` to an app so that it registers with this server.
+pub async fn ping_app(engine: &Engine, url: &str) -> anyhow::Result<String> {
+    let body = signature::canonical_json(&json!({"url": url}));
+    let mut req = engine
+        .http
+        .put(url)
+        .header("content-type", "application/json")
+        .header(headers::SERVER_KIND, kind(engine));
+    if let Some(key) = &engine.config.signing_key {
+        req = req.header(
+            headers::SIGNATURE,
+            signature::sign(key, &body, chrono::Utc::now().timestamp()),
+        );
+    }
+    let resp = req.body(body).send().await?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("sync of {url} failed: HTTP {status}: {text}");
+    }
+    Ok(text)
+}

@@ -1,0 +1,101 @@
+//! Durable queue workers: claim due items under a lease, run them, and sleep
+//! until the next item is due or new work is announced in-process.
+//!
+//! The database is only asked for work when woken (an enqueue in this process),
+//! when the earliest known item falls due, or on a slow safety-net poll that
+//! catches work created by other processes sharing the store.
+
+use crate::Engine;
+use parking_lot::Mutex;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Most items claimed in one round trip.
+const CLAIM_BATCH: usize = 64;
+
+/// Run the worker loop until shutdown, then wait for in-flight items.
+pub async fn run_workers(engine: Arc<Engine>) {
+    let sem = Arc::new(Semaphore::new(engine.config.max_concurrency));
+    let inflight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let renewer = tokio::spawn(renew_leases(engine.clone(), inflight.clone()));
+    let mut shutdown = engine.shutdown.clone();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let notified = engine.queue_wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let free = sem.available_permits().min(CLAIM_BATCH);
+        let mut claimed = 0;
+        if free > 0 {
+            let now = engine.now();
+            let lease_until = now + engine.config.lease.as_millis() as i64;
+            match engine
+                .store
+                .claim(&engine.owner, now, lease_until, free)
+                .await
+            {
+                Ok(items) => {
+                    claimed = items.len();
+                    for item in items {
+                        let Ok(permit) = sem.clone().acquire_owned().await else {
+                            break;
+                        };
+                        inflight.lock().insert(item.id.clone());
+                        let (engine, inflight) = (engine.clone(), inflight.clone());
+                        tokio::spawn(async move {
+                            let id = item.id.clone();
+                            crate::executor::handle(engine.clone(), item).await;
+                            inflight.lock().remove(&id);
+                            drop(permit);
+                            engine.queue_wake.notify_one();
+                        });
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "claiming queue items"),
+            }
+        }
+        if claimed == free && free > 0 {
+            continue;
+        }
+        let now = engine.now();
+        let poll_at = now + engine.config.poll_interval.as_millis() as i64;
+        let wake_at = match engine.store.next_due().await {
+            Ok(Some(t)) => t.min(poll_at),
+            _ => poll_at,
+        };
+        tokio::select! {
+            _ = notified => {}
+            _ = engine.clock.sleep_until(wake_at.max(now)) => {}
+            // The injected clock may stand still; real time still bounds the wait.
+            _ = tokio::time::sleep(engine.config.poll_interval) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+    // Graceful shutdown: let in-flight calls finish; anything left keeps its
+    // lease and is retried by the next process after expiry.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(25),
+        sem.acquire_many(engine.config.max_concurrency as u32),
+    )
+    .await;
+    renewer.abort();
+}
+
+async fn renew_leases(engine: Arc<Engine>, inflight: Arc<Mutex<HashSet<String>>>) {
+    let every = (engine.config.lease / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        let ids: Vec<String> = inflight.lock().iter().cloned().collect();
+        if ids.is_empty() {
+            continue;
+        }
+        let until = engine.now() + engine.config.lease.as_millis() as i64;
+        if let Err(e) = engine.store.renew(&engine.owner, ids, until).await {
+            tracing::warn!(error = %e, "renewing leases");
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The one owner of durable state.
+//!
+//! Everything the engine must not lose goes through [`Store`]. The trait speaks
+//! in engine terms (events, runs, memoised steps, queue items, pauses) so that a
+//! PostgreSQL implementation shared by several processes can sit behind it; no
+//! SQL or SQLite type crosses it. Each mutating call is one atomic unit: when it
+//! returns `Ok`, the change is durable.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::sync::Arc;
+
+pub use sqlite::SqliteStore;
+
+/// Errors surfaced by a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database file is from a newer Cairn and must not be touched.
+    #[error("database schema version {found} is newer than this build supports ({supported}); upgrade cairn")]
+    SchemaTooNew {
+        /// Version found in the file.
+        found: i64,
+        /// Highest version this build knows.
+        supported: i64,
+    },
+    /// The database is unreadable, corrupt or locked.
+    #[error("database unusable: {0}")]
+    Unusable(String),
+    /// A queue item's lease was lost (expired and taken, or the run ended);
+    /// the caller's result must be dropped.
+    #[error("lease lost on queue item {0}")]
+    LeaseLost(String),
+    /// Anything else from the backend.
+    #[error("store backend error: {0}")]
+    Backend(String),
+}
+
+/// Result alias for store calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Lifecycle state of a run, spelled like Inngest's v1 API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunStatus {
+    /// Still executing (including sleeping or waiting).
+    Running,
+    /// Function returned.
+    Completed,
+    /// Function failed permanently.
+    Failed,
+    /// Cancelled by event, API or timeout.
+    Cancelled,
+}
+
+impl RunStatus {
+    /// Wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "Running",
+            RunStatus::Completed => "Completed",
+            RunStatus::Failed => "Failed",
+            RunStatus::Cancelled => "Cancelled",
+        }
+    }
+
+    /// Parse the wire spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "Running" => RunStatus::Running,
+            "Completed" => RunStatus::Completed,
+            "Failed" => RunStatus::Failed,
+            "Cancelled" => RunStatus::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// An event about to be stored.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Internal ULID; unique per accepted event.
+    pub internal_id: String,
+    /// The normalised event object (`name`, `data`, `user`, `id`, `ts`, `v?`).
+    pub event: Value,
+    /// Receipt time, unix ms.
+    pub received_at: i64,
+    /// For cron ticks and invocations: the one function this event starts.
+    pub target_fn: Option<String>,
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredEvent {
+    /// Monotonic sequence number (arrival order).
+    pub seq: i64,
+    /// Internal ULID.
+    pub internal_id: String,
+    /// Event name.
+    pub name: String,
+    /// Full event object.
+    pub event: Value,
+    /// Receipt time, unix ms.
+    pub received_at: i64,
+    /// Function this event targets directly, if any.
+    pub target_fn: Option<String>,
+}
+
+/// An app known from a sync.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppRecord {
+    /// App id (`appName`).
+    pub name: String,
+    /// URL the app is served at.
+    pub url: String,
+    /// `sdk` field of the last sync.
+    pub sdk: String,
+    /// Checksum of the last sync body, to answer `modified`.
+    pub checksum: String,
+    /// Last sync time, unix ms.
+    pub synced_at: i64,
+}
+
+/// A function as registered by an app.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionRecord {
+    /// Composite id / slug (`<app>-<fn>`).
+    pub slug: String,
+    /// Owning app.
+    pub app: String,
+    /// The FunctionConfig JSON exactly as synced.
+    pub config: Value,
+}
+
+/// A run as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// Run ULID.
+    pub run_id: String,
+    /// Function slug.
+    pub fn_slug: String,
+    /// Status.
+    pub status: RunStatus,
+    /// Triggering events (first is `event`).
+    pub events: Vec<Value>,
+    /// Execution version (`-1` undecided).
+    pub version: i64,
+    /// Whether the SDK must plan rather than run steps inline.
+    pub disable_immediate: bool,
+    /// Planned parallel steps not yet finished (version 2 coalescing).
+    pub pending: Vec<String>,
+    /// Output (Completed) or error (Failed/Cancelled).
+    pub output: Option<Value>,
+    /// Creation time, unix ms.
+    pub created_at: i64,
+    /// End time, unix ms.
+    pub ended_at: Option<i64>,
+}
+
+/// What a queue item asks the engine to do. Serialised into the item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ItemKind {
+    /// Call the SDK. `step` None means discovery (`stepId=step`).
+    Call {
+        /// Targeted hashed step id.
+        step: Option<String>,
+        /// Hashed id of the step recorded as this call's predecessor.
+        predecessor: Option<String>,
+    },
+    /// A sleep ended: memoise `null` under `step`, then discover.
+    Wake {
+        /// Hashed sleep step id.
+        step: String,
+    },
+    /// A wait or invoke timed out.
+    PauseTimeout {
+        /// The pause to expire.
+        pause_id: String,
+        /// Hashed step id of the wait or invoke.
+        step: String,
+        /// True for invokes (memoise a timeout error instead of `null`).
+        invoke: bool,
+    },
+    /// `timeouts.finish` elapsed.
+    RunTimeout,
+    /// The run ended: emit finalisation events.
+    Finalize,
+}
+
+/// A queue item to create. Ids are deterministic so re-creating is a no-op.
+#[derive(Debug, Clone)]
+pub struct NewItem {
+    /// Deterministic id: run + step hash + purpose.
+    pub id: String,
+    /// Owning run.
+    pub run_id: String,
+    /// What to do.
+    pub kind: ItemKind,
+    /// Earliest time to run, unix ms.
+    pub available_at: i64,
+    /// Skip creating if this step already has a memo (a planned step that
+    /// finished through another path must not run twice).
+    pub unless_memo: Option<String>,
+}
+
+/// A claimed queue item.
+#[derive(Debug, Clone)]
+pub struct QueueItem {
+    /// Item id.
+    pub id: String,
+    /// Owning run.
+    pub run_id: String,
+    /// What to do.
+    pub kind: ItemKind,
+    /// 0-based attempt.
+    pub attempt: i64,
+    /// When it became available, unix ms.
+    pub available_at: i64,
+}
+
+/// Why a pause exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseKind {
+    /// `step.waitForEvent`.
+    Wait,
+    /// `step.invoke`, resumed by `inngest/function.finished`.
+    Invoke,
+    /// A `cancelOn` rule.
+    Cancel,
+}
+
+/// A durable wait for an event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pause {
+    /// Pause id.
+    pub id: String,
+    /// Owning run.
+    pub run_id: String,
+    /// Hashed step id being waited on (empty for cancel rules).
+    pub step: String,
+    /// Kind.
+    pub kind: PauseKind,
+    /// Event name that can resume it.
+    pub event_name: String,
+    /// CEL condition over `event` (run trigger) and `async` (candidate).
+    pub expr: Option<String>,
+    /// Invoke correlation id (`<runId>.<stepHash>`).
+    pub correlation: Option<String>,
+    /// The run's triggering event, for `event` in the condition.
+    pub trigger: Value,
+    /// Expiry, unix ms.
+    pub expires_at: i64,
+    /// Only events after this sequence number may resume it.
+    pub since_seq: i64,
+}
+
+/// Decides whether an event resumes a pause. Implemented by the engine with CEL.
+pub trait PauseMatcher: Send + Sync {
+    /// True if `event` satisfies `pause`.
+    fn matches(&self, pause: &Pause, event: &Value) -> bool;
+}
+
+/// A run to create from an event (idempotent on `fn_slug` + `idem_key`).
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// Run ULID.
+    pub run_id: String,
+    /// Function slug.
+    pub fn_slug: String,
+    /// Idempotency key (event id, cron time).
+    pub idem_key: String,
+    /// Triggering events.
+    pub events: Vec<Value>,
+    /// Internal id of the first triggering event, for event→runs lookups.
+    pub trigger_internal_id: String,
+    /// Creation time.
+    pub created_at: i64,
+    /// First items (discovery call, finish timeout).
+    pub items: Vec<NewItem>,
+    /// Cancellation pauses.
+    pub pauses: Vec<Pause>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    /// Final status (not Running).
+    pub status: RunStatus,
+    /// Output for Completed, error object otherwise.
+    pub output: Value,
+}
+
+/// All writes that result from handling one queue item, applied atomically.
+///
+/// Applying it is conditional on `item` still being leased by `owner`, so a
+/// worker whose lease expired (or whose run was cancelled) cannot apply stale
+/// results.
+#[derive(Debug, Default, Clone)]
+pub struct Apply {
+    /// The item that was handled and the lease owner; deleted on success.
+    pub item: Option<(String, String)>,
+    /// Run to touch.
+    pub run_id: String,
+    /// Memos to save (first write wins), in persistence order.
+    pub memos: Vec<(String, Value)>,
+    /// New queue items.
+    pub enqueue: Vec<NewItem>,
+    /// Instead of deleting `item`, re-arm it with a new attempt at a time.
+    pub retry: Option<(i64, i64)>,
+    /// New pauses (waits, invokes); matched immediately against events that
+    /// arrived since `since_seq` so no event slips between call and pause.
+    pub pauses: Vec<(Pause, NewItem)>,
+    /// Events to emit (finalisation, invocations).
+    pub events: Vec<NewEvent>,
+    /// Record the SDK's execution version if still undecided.
+    pub version: Option<i64>,
+    /// Set `disable_immediate_execution`.
+    pub disable_immediate: Option<bool>,
+    /// Steps planned in parallel (version 2 coalescing).
+    pub add_pending: Vec<String>,
+    /// Steps finished: drop them from pending; when none are left (or they
+    /// were not pending), create this discovery item.
+    pub complete_pending: Option<(Vec<String>, NewItem)>,
+    /// Expire a pause: if it still exists, memoise the value and enqueue the item.
+    pub expire_pause: Option<(String, Value, NewItem)>,
+    /// End the run (only if still running).
+    pub finish: Option<Finish>,
+}
+
+/// Durable state behind Cairn. See the module docs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Store accepted events; returns their sequence numbers. Durable on return.
+    async fn insert_events(&self, events: Vec<NewEvent>) -> StoreResult<Vec<i64>>;
+    /// Events not yet matched, oldest first.
+    async fn unprocessed_events(&self, limit: usize) -> StoreResult<Vec<StoredEvent>>;
+    /// Highest event sequence number committed so far.
+    async fn event_high_water(&self) -> StoreResult<i64>;
+    /// Atomically: create runs (idempotently), resume/cancel matching pauses,
+    /// and mark the event processed. Returns ids of runs actually created.
+    async fn apply_event(
+        &self,
+        event: StoredEvent,
+        runs: Vec<NewRun>,
+        extra_events: Vec<NewEvent>,
+        matcher: Arc<dyn PauseMatcher>,
+        now: i64,
+    ) -> StoreResult<Vec<String>>;
+    /// Look up an event by internal id or user id.
+    async fn get_event(&self, id: &str) -> StoreResult<Option<StoredEvent>>;
+    /// Most recent events, newest first.
+    async fn list_events(
+        &self,
+        limit: usize,
+        name: Option<String>,
+    ) -> StoreResult<Vec<StoredEvent>>;
+    /// Runs started by an event (internal id).
+    async fn runs_for_event(&self, internal_id: &str) -> StoreResult<Vec<Run>>;
+
+    /// Upsert an app and its functions; functions of the app not listed are
+    /// removed. Returns whether anything changed.
+    async fn sync_app(&self, app: AppRecord, functions: Vec<FunctionRecord>) -> StoreResult<bool>;
+    /// All apps.
+    async fn apps(&self) -> StoreResult<Vec<AppRecord>>;
+    /// All live functions.
+    async fn functions(&self) -> StoreResult<Vec<FunctionRecord>>;
+
+    /// A run.
+    async fn get_run(&self, run_id: &str) -> StoreResult<Option<Run>>;
+    /// Memoised steps of a run in persistence order.
+    async fn steps(&self, run_id: &str) -> StoreResult<Vec<(String, Value)>>;
+    /// Apply the results of handling a queue item. See [`Apply`].
+    async fn apply(
+        &self,
+        apply: Apply,
+        matcher: Arc<dyn PauseMatcher>,
+        now: i64,
+    ) -> StoreResult<()>;
+    /// Cancel a running run (API). Returns false if it was not running.
+    async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool>;
+
+    /// Lease up to `limit` due items to `owner` until `lease_until`.
+    async fn claim(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<QueueItem>>;
+    /// Extend leases still held by `owner`.
+    async fn renew(&self, owner: &str, ids: Vec<String>, lease_until: i64) -> StoreResult<()>;
+    /// Give an item back without changing its attempt (shutdown).
+    async fn release(&self, owner: &str, id: &str) -> StoreResult<()>;
+    /// Earliest time any item becomes claimable (due or lease expiry).
+    async fn next_due(&self) -> StoreResult<Option<i64>>;
+    /// Number of items in the queue.
+    async fn queue_depth(&self) -> StoreResult<i64>;
+
+    /// Last fired cron tick per (function, schedule), unix ms.
+    async fn cron_last(&self, fn_slug: &str, schedule: &str) -> StoreResult<Option<i64>>;
+    /// Atomically record a cron tick and store its event (`None` only records
+    /// the starting point). Returns false if this or a later tick was already
+    /// recorded (another process or an earlier life fired it).
+    async fn fire_cron(
+        &self,
+        fn_slug: &str,
+        schedule: &str,
+        tick: i64,
+        event: Option<NewEvent>,
+    ) -> StoreResult<bool>;
+}
+
+/// The memo a resumed pause stores, shared by all store implementations.
+pub fn resume_memo(pause: &Pause, event: &Value) -> Value {
+    match pause.kind {
+        PauseKind::Invoke => {
+            let data = event.get("data").cloned().unwrap_or(Value::Null);
+            match data.get("error") {
+                Some(err) if !err.is_null() => serde_json::json!({ "error": err }),
+                _ => {
+                    serde_json::json!({ "data": data.get("result").cloned().unwrap_or(Value::Null) })
+                }
+            }
+        }
+        _ => event.clone(),
+    }
+}

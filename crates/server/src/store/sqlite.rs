@@ -1,0 +1,965 @@
+//! SQLite implementation of [`Store`].
+//!
+//! One writer thread owns the only write connection. Concurrent writers send it
+//! closures; it drains whatever is waiting, runs each inside its own savepoint
+//! within one transaction, and commits once (group commit), so many concurrent
+//! runs share one fsync. Replies are sent only after the commit, which is what
+//! makes "acknowledged means durable" hold. Reads use a small pool of separate
+//! connections; WAL mode lets them proceed while the writer works.
+
+use super::*;
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use std::path::{Path, PathBuf};
+use tokio::sync::oneshot;
+
+/// Schema version stored in `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Most closures merged into one transaction; bounds commit latency under load.
+const MAX_BATCH: usize = 512;
+
+type Finisher = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Finisher) + Send>;
+
+/// SQLite-backed store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    path: PathBuf,
+    tx: std::sync::mpsc::Sender<Job>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE apps(
+  name TEXT PRIMARY KEY, url TEXT NOT NULL, sdk TEXT NOT NULL,
+  checksum TEXT NOT NULL, synced_at INTEGER NOT NULL);
+CREATE TABLE functions(
+  slug TEXT PRIMARY KEY, app TEXT NOT NULL, config TEXT NOT NULL);
+CREATE TABLE events(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, internal_id TEXT NOT NULL UNIQUE,
+  user_id TEXT, name TEXT NOT NULL, body TEXT NOT NULL, received_at INTEGER NOT NULL,
+  target_fn TEXT, processed INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX events_unprocessed ON events(seq) WHERE processed = 0;
+CREATE INDEX events_name ON events(name, seq);
+CREATE INDEX events_user_id ON events(user_id);
+CREATE TABLE runs(
+  run_id TEXT PRIMARY KEY, fn_slug TEXT NOT NULL, idem_key TEXT NOT NULL,
+  trigger_event TEXT NOT NULL, status TEXT NOT NULL, events TEXT NOT NULL,
+  version INTEGER NOT NULL DEFAULT -1, disable_immediate INTEGER NOT NULL DEFAULT 0,
+  pending TEXT NOT NULL DEFAULT '[]', output TEXT, created_at INTEGER NOT NULL,
+  ended_at INTEGER, UNIQUE(fn_slug, idem_key));
+CREATE INDEX runs_trigger ON runs(trigger_event);
+CREATE TABLE steps(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, hash TEXT NOT NULL,
+  memo TEXT NOT NULL, UNIQUE(run_id, hash));
+CREATE TABLE queue(
+  id TEXT PRIMARY KEY, run_id TEXT NOT NULL, kind TEXT NOT NULL,
+  available_at INTEGER NOT NULL, due_at INTEGER NOT NULL, attempt INTEGER NOT NULL DEFAULT 0,
+  lease_owner TEXT);
+CREATE INDEX queue_due ON queue(due_at);
+CREATE INDEX queue_run ON queue(run_id);
+CREATE TABLE pauses(
+  id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step TEXT NOT NULL, kind TEXT NOT NULL,
+  event_name TEXT NOT NULL, expr TEXT, correlation TEXT, trigger_event TEXT NOT NULL,
+  expires_at INTEGER NOT NULL, since_seq INTEGER NOT NULL);
+CREATE INDEX pauses_event ON pauses(event_name);
+CREATE INDEX pauses_corr ON pauses(correlation) WHERE correlation IS NOT NULL;
+CREATE INDEX pauses_run ON pauses(run_id);
+CREATE TABLE cron(
+  fn_slug TEXT NOT NULL, schedule TEXT NOT NULL, last_tick INTEGER NOT NULL,
+  PRIMARY KEY(fn_slug, schedule));
+"#;
+
+fn be(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn open_conn(path: &Path) -> StoreResult<Connection> {
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::Unusable(format!("{}: {e}", path.display())))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(be)?;
+    conn.execute_batch("PRAGMA foreign_keys=OFF;")
+        .map_err(|e| StoreError::Unusable(format!("{}: {e}", path.display())))?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Open (creating if absent) the database at `path`, migrating the schema.
+    ///
+    /// Fails with a clear error if the file is not a database, is locked, or
+    /// was written by a newer schema; it never resets existing data.
+    pub fn open(path: impl AsRef<Path>) -> StoreResult<Self> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| StoreError::Unusable(format!("{}: {e}", dir.display())))?;
+            }
+        }
+        let conn = open_conn(&path)?;
+        let unusable =
+            |e: rusqlite::Error| StoreError::Unusable(format!("{}: {e}", path.display()));
+        // journal_mode touches the file header, so a corrupt file fails here.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(unusable)?;
+        if mode.to_lowercase() != "wal" {
+            return Err(StoreError::Unusable(format!(
+                "{}: cannot enable WAL (got {mode})",
+                path.display()
+            )));
+        }
+        // FULL: a commit is on disk before we acknowledge anything.
+        conn.execute_batch("PRAGMA synchronous=FULL;")
+            .map_err(unusable)?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+            .map_err(unusable)?;
+        if check != "ok" {
+            return Err(StoreError::Unusable(format!(
+                "{}: integrity check failed: {check}",
+                path.display()
+            )));
+        }
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(unusable)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if version < SCHEMA_VERSION {
+            let tables: i64 = conn
+                .query_row("SELECT count(*) FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'", [], |r| r.get(0))
+                .map_err(unusable)?;
+            if version == 0 && tables > 0 {
+                return Err(StoreError::Unusable(format!(
+                    "{}: not a cairn database (has tables but no schema version)",
+                    path.display()
+                )));
+            }
+            conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+            ))
+            .map_err(unusable)?;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("cairn-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(be)?;
+        Ok(SqliteStore {
+            path,
+            tx,
+            readers: Mutex::new(Vec::new()),
+        })
+    }
+
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let res = f(conn);
+            let ok = res.is_ok();
+            let fin: Finisher = Box::new(move |commit| {
+                let out = match commit {
+                    Ok(()) => res,
+                    Err(e) => Err(StoreError::Backend(e)),
+                };
+                let _ = tx.send(out);
+            });
+            (ok, fin)
+        });
+        self.tx
+            .send(job)
+            .map_err(|_| StoreError::Backend("writer thread stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Backend("writer thread dropped a request".into()))?
+    }
+
+    async fn read<R: Send + 'static>(
+        self: &Self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        let conn = match self.readers.lock().pop() {
+            Some(c) => c,
+            None => open_conn(&self.path)?,
+        };
+        let (conn, res) = tokio::task::spawn_blocking(move || {
+            let r = f(&conn);
+            (conn, r)
+        })
+        .await
+        .map_err(be)?;
+        let mut pool = self.readers.lock();
+        // A handful of idle readers is enough for two cores; drop the rest.
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        res.map_err(be)
+    }
+}
+
+fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut finishers = Vec::with_capacity(batch.len());
+        let begin = conn.execute_batch("BEGIN IMMEDIATE");
+        if let Err(e) = begin {
+            let msg = e.to_string();
+            // Run nothing; every caller sees the failure.
+            for job in batch {
+                drop(job);
+            }
+            tracing::error!(error = %msg, "sqlite BEGIN failed");
+            continue;
+        }
+        for job in batch {
+            let _ = conn.execute_batch("SAVEPOINT job");
+            let (ok, fin) = job(&conn);
+            if !ok {
+                let _ = conn.execute_batch("ROLLBACK TO job");
+            }
+            let _ = conn.execute_batch("RELEASE job");
+            finishers.push(fin);
+        }
+        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        if commit.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        metrics::histogram!("cairn_store_commit_batch_size").record(finishers.len() as f64);
+        for fin in finishers {
+            fin(commit.clone());
+        }
+    }
+}
+
+fn j(v: &impl Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn pj(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or(Value::Null)
+}
+
+const EVENT_COLS: &str = "seq, internal_id, name, body, received_at, target_fn";
+
+fn row_event(r: &Row) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent {
+        seq: r.get(0)?,
+        internal_id: r.get(1)?,
+        name: r.get(2)?,
+        event: pj(&r.get::<_, String>(3)?),
+        received_at: r.get(4)?,
+        target_fn: r.get(5)?,
+    })
+}
+
+const RUN_COLS: &str = "run_id, fn_slug, status, events, version, disable_immediate, pending, output, created_at, ended_at";
+
+fn row_run(r: &Row) -> rusqlite::Result<Run> {
+    let status: String = r.get(2)?;
+    Ok(Run {
+        run_id: r.get(0)?,
+        fn_slug: r.get(1)?,
+        status: RunStatus::parse(&status).unwrap_or(RunStatus::Running),
+        events: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
+        version: r.get(4)?,
+        disable_immediate: r.get::<_, i64>(5)? != 0,
+        pending: serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default(),
+        output: r.get::<_, Option<String>>(7)?.map(|s| pj(&s)),
+        created_at: r.get(8)?,
+        ended_at: r.get(9)?,
+    })
+}
+
+const PAUSE_COLS: &str =
+    "id, run_id, step, kind, event_name, expr, correlation, trigger_event, expires_at, since_seq";
+
+fn row_pause(r: &Row) -> rusqlite::Result<Pause> {
+    let kind: String = r.get(3)?;
+    Ok(Pause {
+        id: r.get(0)?,
+        run_id: r.get(1)?,
+        step: r.get(2)?,
+        kind: serde_json::from_value(Value::String(kind)).unwrap_or(PauseKind::Wait),
+        event_name: r.get(4)?,
+        expr: r.get(5)?,
+        correlation: r.get(6)?,
+        trigger: pj(&r.get::<_, String>(7)?),
+        expires_at: r.get(8)?,
+        since_seq: r.get(9)?,
+    })
+}
+
+fn kind_str(k: PauseKind) -> String {
+    match serde_json::to_value(k) {
+        Ok(Value::String(s)) => s,
+        _ => "wait".into(),
+    }
+}
+
+fn insert_event(conn: &Connection, e: &NewEvent) -> rusqlite::Result<i64> {
+    let name = e
+        .event
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let user_id = e.event.get("id").and_then(Value::as_str);
+    conn.prepare_cached(
+        "INSERT INTO events(internal_id, user_id, name, body, received_at, target_fn) VALUES (?,?,?,?,?,?)",
+    )?
+    .execute(params![e.internal_id, user_id, name, j(&e.event), e.received_at, e.target_fn])?;
+    Ok(conn.last_insert_rowid())
+}
+
+fn has_memo(conn: &Connection, run_id: &str, hash: &str) -> rusqlite::Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM steps WHERE run_id=? AND hash=?")?
+        .query_row(params![run_id, hash], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+fn insert_item(conn: &Connection, item: &NewItem) -> rusqlite::Result<()> {
+    if let Some(h) = &item.unless_memo {
+        if has_memo(conn, &item.run_id, h)? {
+            return Ok(());
+        }
+    }
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO queue(id, run_id, kind, available_at, due_at, attempt) VALUES (?,?,?,?,?,0)",
+    )?
+    .execute(params![item.id, item.run_id, j(&item.kind), item.available_at, item.available_at])?;
+    Ok(())
+}
+
+fn save_memo(conn: &Connection, run_id: &str, hash: &str, memo: &Value) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT OR IGNORE INTO steps(run_id, hash, memo) VALUES (?,?,?)")?
+        .execute(params![run_id, hash, j(memo)])?;
+    Ok(())
+}
+
+fn load_run(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<Run>> {
+    conn.prepare_cached(&format!("SELECT {RUN_COLS} FROM runs WHERE run_id=?"))?
+        .query_row([run_id], row_run)
+        .optional()
+}
+
+/// Ends a running run, clearing its queue and pauses and queueing finalisation.
+fn finish_run(
+    conn: &Connection,
+    run_id: &str,
+    finish: &Finish,
+    now: i64,
+) -> rusqlite::Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE runs SET status=?, output=?, ended_at=? WHERE run_id=? AND status='Running'",
+        )?
+        .execute(params![
+            finish.status.as_str(),
+            j(&finish.output),
+            now,
+            run_id
+        ])?;
+    if n == 0 {
+        return Ok(false);
+    }
+    conn.prepare_cached("DELETE FROM queue WHERE run_id=?")?
+        .execute([run_id])?;
+    conn.prepare_cached("DELETE FROM pauses WHERE run_id=?")?
+        .execute([run_id])?;
+    conn.prepare_cached("UPDATE runs SET pending='[]' WHERE run_id=?")?
+        .execute([run_id])?;
+    insert_item(
+        conn,
+        &NewItem {
+            id: format!("{run_id}:finalize"),
+            run_id: run_id.to_string(),
+            kind: ItemKind::Finalize,
+            available_at: now,
+            unless_memo: None,
+        },
+    )?;
+    Ok(true)
+}
+
+/// A step of the run finished: coalesce parallel branches, then discover.
+fn step_done(
+    conn: &Connection,
+    run_id: &str,
+    steps: &[String],
+    discovery: &NewItem,
+) -> rusqlite::Result<()> {
+    let Some(run) = load_run(conn, run_id)? else {
+        return Ok(());
+    };
+    if run.status != RunStatus::Running {
+        return Ok(());
+    }
+    if run.pending.iter().any(|p| steps.contains(p)) {
+        let rest: Vec<&String> = run.pending.iter().filter(|p| !steps.contains(p)).collect();
+        conn.prepare_cached("UPDATE runs SET pending=? WHERE run_id=?")?
+            .execute(params![j(&rest), run_id])?;
+        if !rest.is_empty() {
+            return Ok(());
+        }
+        // Parallelism ended; version 2 lets the SDK run single steps inline again.
+        if run.version >= 2 {
+            conn.prepare_cached("UPDATE runs SET disable_immediate=0 WHERE run_id=?")?
+                .execute([run_id])?;
+        }
+    }
+    insert_item(conn, discovery)
+}
+
+fn discovery_after(run_id: &str, step: &str, now: i64) -> NewItem {
+    NewItem {
+        id: format!("{run_id}:{step}:disc"),
+        run_id: run_id.to_string(),
+        kind: ItemKind::Call {
+            step: None,
+            predecessor: Some(step.to_string()),
+        },
+        available_at: now,
+        unless_memo: None,
+    }
+}
+
+fn resume_pause(conn: &Connection, pause: &Pause, event: &Value, now: i64) -> rusqlite::Result<()> {
+    let n = conn
+        .prepare_cached("DELETE FROM pauses WHERE id=?")?
+        .execute([&pause.id])?;
+    if n == 0 {
+        return Ok(());
+    }
+    match pause.kind {
+        PauseKind::Cancel => {
+            finish_run(
+                conn,
+                &pause.run_id,
+                &Finish {
+                    status: RunStatus::Cancelled,
+                    output: serde_json::json!({"error": "cancelled", "name": "Cancelled",
+                        "message": format!("run cancelled by event {}", pause.event_name)}),
+                },
+                now,
+            )?;
+        }
+        PauseKind::Wait | PauseKind::Invoke => {
+            conn.prepare_cached("DELETE FROM queue WHERE id=?")?
+                .execute([format!("{}:{}:timeout", pause.run_id, pause.step)])?;
+            save_memo(conn, &pause.run_id, &pause.step, &resume_memo(pause, event))?;
+            step_done(
+                conn,
+                &pause.run_id,
+                std::slice::from_ref(&pause.step),
+                &discovery_after(&pause.run_id, &pause.step, now),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn insert_pause(conn: &Connection, p: &Pause) -> rusqlite::Result<bool> {
+    let n = conn
+        .prepare_cached(&format!(
+            "INSERT OR IGNORE INTO pauses({PAUSE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+        ))?
+        .execute(params![
+            p.id,
+            p.run_id,
+            p.step,
+            kind_str(p.kind),
+            p.event_name,
+            p.expr,
+            p.correlation,
+            j(&p.trigger),
+            p.expires_at,
+            p.since_seq
+        ])?;
+    Ok(n == 1)
+}
+
+fn apply_inner(
+    conn: &Connection,
+    a: &Apply,
+    matcher: &dyn PauseMatcher,
+    now: i64,
+) -> StoreResult<()> {
+    if let Some((id, owner)) = &a.item {
+        let held: Option<Option<String>> = conn
+            .prepare_cached("SELECT lease_owner FROM queue WHERE id=?")
+            .map_err(be)?
+            .query_row([id], |r| r.get(0))
+            .optional()
+            .map_err(be)?;
+        if held.flatten().as_deref() != Some(owner.as_str()) {
+            return Err(StoreError::LeaseLost(id.clone()));
+        }
+    }
+    let run = load_run(conn, &a.run_id).map_err(be)?;
+    let running = run
+        .as_ref()
+        .map(|r| r.status == RunStatus::Running)
+        .unwrap_or(false);
+    let sql = || -> rusqlite::Result<()> {
+        if running {
+            if let Some(v) = a.version {
+                conn.prepare_cached("UPDATE runs SET version=? WHERE run_id=? AND version=-1")?
+                    .execute(params![v, a.run_id])?;
+            }
+            if let Some(d) = a.disable_immediate {
+                conn.prepare_cached("UPDATE runs SET disable_immediate=? WHERE run_id=?")?
+                    .execute(params![d as i64, a.run_id])?;
+            }
+            for (hash, memo) in &a.memos {
+                save_memo(conn, &a.run_id, hash, memo)?;
+            }
+            if !a.add_pending.is_empty() {
+                let mut pending = run.as_ref().map(|r| r.pending.clone()).unwrap_or_default();
+                for p in &a.add_pending {
+                    if !pending.contains(p) && !has_memo(conn, &a.run_id, p)? {
+                        pending.push(p.clone());
+                    }
+                }
+                conn.prepare_cached("UPDATE runs SET pending=? WHERE run_id=?")?
+                    .execute(params![j(&pending), a.run_id])?;
+            }
+            for item in &a.enqueue {
+                insert_item(conn, item)?;
+            }
+            for (pause, timeout) in &a.pauses {
+                if !insert_pause(conn, pause)? {
+                    continue;
+                }
+                insert_item(conn, timeout)?;
+                // Close the race with events that arrived while the SDK call was in flight:
+                // they were matched before this pause existed.
+                let candidates: Vec<StoredEvent> = conn
+                    .prepare_cached(&format!(
+                        "SELECT {EVENT_COLS} FROM events WHERE name=? AND seq>? AND processed=1 ORDER BY seq"
+                    ))?
+                    .query_map(params![pause.event_name, pause.since_seq], row_event)?
+                    .collect::<Result<_, _>>()?;
+                for ev in candidates {
+                    if matcher.matches(pause, &ev.event) {
+                        resume_pause(conn, pause, &ev.event, now)?;
+                        break;
+                    }
+                }
+            }
+            if let Some((step, item)) = &a.complete_pending {
+                step_done(conn, &a.run_id, step, item)?;
+            }
+            if let Some((pause_id, memo, item)) = &a.expire_pause {
+                let n = conn
+                    .prepare_cached("DELETE FROM pauses WHERE id=?")?
+                    .execute([pause_id])?;
+                if n == 1 {
+                    if let ItemKind::Call {
+                        predecessor: Some(step),
+                        ..
+                    } = &item.kind
+                    {
+                        save_memo(conn, &a.run_id, step, memo)?;
+                        step_done(conn, &a.run_id, std::slice::from_ref(step), item)?;
+                    }
+                }
+            }
+        }
+        for e in &a.events {
+            insert_event(conn, e)?;
+        }
+        if running {
+            if let Some(f) = &a.finish {
+                finish_run(conn, &a.run_id, f, now)?;
+            }
+        }
+        if let Some((id, _)) = &a.item {
+            match a.retry {
+                Some((attempt, at)) if running && a.finish.is_none() => {
+                    conn.prepare_cached(
+                        "UPDATE queue SET attempt=?, available_at=?, due_at=?, lease_owner=NULL WHERE id=?",
+                    )?
+                    .execute(params![attempt, at, at, id])?;
+                }
+                _ => {
+                    conn.prepare_cached("DELETE FROM queue WHERE id=?")?
+                        .execute([id])?;
+                }
+            }
+        }
+        Ok(())
+    };
+    sql().map_err(be)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_events(&self, events: Vec<NewEvent>) -> StoreResult<Vec<i64>> {
+        self.write(move |conn| {
+            events
+                .iter()
+                .map(|e| insert_event(conn, e))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(be)
+        })
+        .await
+    }
+
+    async fn unprocessed_events(&self, limit: usize) -> StoreResult<Vec<StoredEvent>> {
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {EVENT_COLS} FROM events WHERE processed=0 ORDER BY seq LIMIT ?"
+            ))?
+            .query_map([limit as i64], row_event)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn event_high_water(&self) -> StoreResult<i64> {
+        self.read(|c| c.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0)))
+            .await
+    }
+
+    async fn apply_event(
+        &self,
+        event: StoredEvent,
+        runs: Vec<NewRun>,
+        extra_events: Vec<NewEvent>,
+        matcher: Arc<dyn PauseMatcher>,
+        now: i64,
+    ) -> StoreResult<Vec<String>> {
+        self.write(move |conn| {
+            let f = || -> rusqlite::Result<Vec<String>> {
+                let mut created = Vec::new();
+                for r in &runs {
+                    let n = conn
+                        .prepare_cached(
+                            "INSERT OR IGNORE INTO runs(run_id, fn_slug, idem_key, trigger_event, status, events, created_at)
+                             VALUES (?,?,?,?, 'Running', ?, ?)",
+                        )?
+                        .execute(params![r.run_id, r.fn_slug, r.idem_key, r.trigger_internal_id, j(&r.events), r.created_at])?;
+                    if n == 0 {
+                        continue;
+                    }
+                    for item in &r.items {
+                        insert_item(conn, item)?;
+                    }
+                    for p in &r.pauses {
+                        insert_pause(conn, p)?;
+                    }
+                    created.push(r.run_id.clone());
+                }
+                for e in &extra_events {
+                    insert_event(conn, e)?;
+                }
+                let correlation =
+                    event.event.pointer("/data/correlation_id").and_then(Value::as_str).map(str::to_string);
+                let pauses: Vec<Pause> = match &correlation {
+                    Some(c) => conn
+                        .prepare_cached(&format!("SELECT {PAUSE_COLS} FROM pauses WHERE correlation=?"))?
+                        .query_map([c], row_pause)?
+                        .collect::<Result<_, _>>()?,
+                    None => conn
+                        .prepare_cached(&format!(
+                            "SELECT {PAUSE_COLS} FROM pauses WHERE event_name=? AND since_seq<? AND correlation IS NULL"
+                        ))?
+                        .query_map(params![event.name, event.seq], row_pause)?
+                        .collect::<Result<_, _>>()?,
+                };
+                for p in pauses {
+                    if p.event_name != event.name || p.expires_at < now {
+                        continue;
+                    }
+                    if matcher.matches(&p, &event.event) {
+                        resume_pause(conn, &p, &event.event, now)?;
+                    }
+                }
+                conn.prepare_cached("UPDATE events SET processed=1 WHERE seq=?")?.execute([event.seq])?;
+                Ok(created)
+            };
+            f().map_err(be)
+        })
+        .await
+    }
+
+    async fn get_event(&self, id: &str) -> StoreResult<Option<StoredEvent>> {
+        let id = id.to_string();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {EVENT_COLS} FROM events WHERE internal_id=?1 OR user_id=?1 ORDER BY seq DESC LIMIT 1"
+            ))?
+            .query_row([id], row_event)
+            .optional()
+        })
+        .await
+    }
+
+    async fn list_events(
+        &self,
+        limit: usize,
+        name: Option<String>,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        self.read(move |c| match name {
+            Some(n) => c
+                .prepare_cached(&format!(
+                    "SELECT {EVENT_COLS} FROM events WHERE name=? ORDER BY seq DESC LIMIT ?"
+                ))?
+                .query_map(params![n, limit as i64], row_event)?
+                .collect(),
+            None => c
+                .prepare_cached(&format!(
+                    "SELECT {EVENT_COLS} FROM events ORDER BY seq DESC LIMIT ?"
+                ))?
+                .query_map([limit as i64], row_event)?
+                .collect(),
+        })
+        .await
+    }
+
+    async fn runs_for_event(&self, internal_id: &str) -> StoreResult<Vec<Run>> {
+        let id = internal_id.to_string();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {RUN_COLS} FROM runs WHERE trigger_event=? ORDER BY run_id"
+            ))?
+            .query_map([id], row_run)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn sync_app(&self, app: AppRecord, functions: Vec<FunctionRecord>) -> StoreResult<bool> {
+        self.write(move |conn| {
+            let f = || -> rusqlite::Result<bool> {
+                let old: Option<(String, String)> = conn
+                    .query_row(
+                        "SELECT checksum, url FROM apps WHERE name=?",
+                        [&app.name],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let modified = old
+                    .map(|(c, u)| c != app.checksum || u != app.url)
+                    .unwrap_or(true);
+                conn.execute(
+                    "INSERT INTO apps(name, url, sdk, checksum, synced_at) VALUES (?,?,?,?,?)
+                     ON CONFLICT(name) DO UPDATE SET url=excluded.url, sdk=excluded.sdk,
+                     checksum=excluded.checksum, synced_at=excluded.synced_at",
+                    params![app.name, app.url, app.sdk, app.checksum, app.synced_at],
+                )?;
+                conn.execute("DELETE FROM functions WHERE app=?", [&app.name])?;
+                for f in &functions {
+                    conn.execute(
+                        "INSERT INTO functions(slug, app, config) VALUES (?,?,?)
+                         ON CONFLICT(slug) DO UPDATE SET app=excluded.app, config=excluded.config",
+                        params![f.slug, f.app, j(&f.config)],
+                    )?;
+                }
+                Ok(modified)
+            };
+            f().map_err(be)
+        })
+        .await
+    }
+
+    async fn apps(&self) -> StoreResult<Vec<AppRecord>> {
+        self.read(|c| {
+            c.prepare_cached("SELECT name, url, sdk, checksum, synced_at FROM apps ORDER BY name")?
+                .query_map([], |r| {
+                    Ok(AppRecord {
+                        name: r.get(0)?,
+                        url: r.get(1)?,
+                        sdk: r.get(2)?,
+                        checksum: r.get(3)?,
+                        synced_at: r.get(4)?,
+                    })
+                })?
+                .collect()
+        })
+        .await
+    }
+
+    async fn functions(&self) -> StoreResult<Vec<FunctionRecord>> {
+        self.read(|c| {
+            c.prepare_cached("SELECT slug, app, config FROM functions ORDER BY slug")?
+                .query_map([], |r| {
+                    Ok(FunctionRecord {
+                        slug: r.get(0)?,
+                        app: r.get(1)?,
+                        config: pj(&r.get::<_, String>(2)?),
+                    })
+                })?
+                .collect()
+        })
+        .await
+    }
+
+    async fn get_run(&self, run_id: &str) -> StoreResult<Option<Run>> {
+        let id = run_id.to_string();
+        self.read(move |c| load_run(c, &id)).await
+    }
+
+    async fn steps(&self, run_id: &str) -> StoreResult<Vec<(String, Value)>> {
+        let id = run_id.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT hash, memo FROM steps WHERE run_id=? ORDER BY seq")?
+                .query_map([id], |r| Ok((r.get(0)?, pj(&r.get::<_, String>(1)?))))?
+                .collect()
+        })
+        .await
+    }
+
+    async fn apply(
+        &self,
+        apply: Apply,
+        matcher: Arc<dyn PauseMatcher>,
+        now: i64,
+    ) -> StoreResult<()> {
+        self.write(move |conn| apply_inner(conn, &apply, matcher.as_ref(), now))
+            .await
+    }
+
+    async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool> {
+        let id = run_id.to_string();
+        self.write(move |conn| {
+            finish_run(
+                conn,
+                &id,
+                &Finish {
+                    status: RunStatus::Cancelled,
+                    output: serde_json::json!({"error": "cancelled", "name": "Cancelled", "message": "run cancelled via API"}),
+                },
+                now,
+            )
+            .map_err(be)
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<QueueItem>> {
+        let owner = owner.to_string();
+        self.write(move |conn| {
+            let f = || -> rusqlite::Result<Vec<QueueItem>> {
+                let rows: Vec<(String, String, String, i64, i64)> = conn
+                    .prepare_cached(
+                        "UPDATE queue SET lease_owner=?1, due_at=?2
+                         WHERE id IN (SELECT id FROM queue WHERE due_at<=?3 ORDER BY due_at LIMIT ?4)
+                         RETURNING id, run_id, kind, attempt, available_at",
+                    )?
+                    .query_map(params![owner, lease_until, now, limit as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                Ok(rows
+                    .into_iter()
+                    .filter_map(|(id, run_id, kind, attempt, available_at)| {
+                        let kind = serde_json::from_str(&kind).ok()?;
+                        Some(QueueItem { id, run_id, kind, attempt, available_at })
+                    })
+                    .collect())
+            };
+            f().map_err(be)
+        })
+        .await
+    }
+
+    async fn renew(&self, owner: &str, ids: Vec<String>, lease_until: i64) -> StoreResult<()> {
+        let owner = owner.to_string();
+        self.write(move |conn| {
+            for id in ids {
+                conn.prepare_cached("UPDATE queue SET due_at=? WHERE id=? AND lease_owner=?")
+                    .and_then(|mut s| s.execute(params![lease_until, id, owner]))
+                    .map_err(be)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release(&self, owner: &str, id: &str) -> StoreResult<()> {
+        let (owner, id) = (owner.to_string(), id.to_string());
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE queue SET lease_owner=NULL, due_at=available_at WHERE id=? AND lease_owner=?",
+                params![id, owner],
+            )
+            .map_err(be)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<i64>> {
+        self.read(|c| c.query_row("SELECT min(due_at) FROM queue", [], |r| r.get(0)))
+            .await
+    }
+
+    async fn queue_depth(&self) -> StoreResult<i64> {
+        self.read(|c| c.query_row("SELECT count(*) FROM queue", [], |r| r.get(0)))
+            .await
+    }
+
+    async fn cron_last(&self, fn_slug: &str, schedule: &str) -> StoreResult<Option<i64>> {
+        let (f, s) = (fn_slug.to_string(), schedule.to_string());
+        self.read(move |c| {
+            c.query_row(
+                "SELECT last_tick FROM cron WHERE fn_slug=? AND schedule=?",
+                params![f, s],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn fire_cron(
+        &self,
+        fn_slug: &str,
+        schedule: &str,
+        tick: i64,
+        event: Option<NewEvent>,
+    ) -> StoreResult<bool> {
+        let (f, s) = (fn_slug.to_string(), schedule.to_string());
+        self.write(move |conn| {
+            let go = || -> rusqlite::Result<bool> {
+                let n = conn.execute(
+                    "INSERT INTO cron(fn_slug, schedule, last_tick) VALUES (?1,?2,?3)
+                     ON CONFLICT(fn_slug, schedule) DO UPDATE SET last_tick=excluded.last_tick
+                     WHERE cron.last_tick < excluded.last_tick",
+                    params![f, s, tick],
+                )?;
+                if n == 0 {
+                    return Ok(false);
+                }
+                if let Some(e) = &event {
+                    insert_event(conn, e)?;
+                }
+                Ok(true)
+            };
+            go().map_err(be)
+        })
+        .await
+    }
+}
