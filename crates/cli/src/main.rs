@@ -1,0 +1,201 @@
+//! `cairn`: run the Cairn server in dev or production mode.
+
+use anyhow::{bail, Context};
+use cairn_server::store::SqliteStore;
+use cairn_server::{Config, Server};
+use clap::{Args, Parser, Subcommand};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "cairn",
+    version,
+    about = "Durable step functions, wire-compatible with Inngest"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Local development server: no keys, state under ./.cairn/.
+    Dev(DevArgs),
+    /// Production server: signing key and event keys required.
+    Start(StartArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// Address to listen on.
+    #[arg(long, env = "CAIRN_HOST", default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on.
+    #[arg(long, short = 'p', env = "CAIRN_PORT", default_value_t = 8288)]
+    port: u16,
+    /// Fixed retry delay in seconds, replacing the backoff table.
+    #[arg(long, env = "CAIRN_RETRY_INTERVAL")]
+    retry_interval: Option<u64>,
+    /// Seconds a claimed queue item stays leased before another worker may retry it.
+    #[arg(long, env = "CAIRN_LEASE_SECONDS", default_value_t = 30)]
+    lease_seconds: u64,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    #[command(flatten)]
+    common: Common,
+    /// App URL to sync on start (repeatable).
+    #[arg(
+        long = "sdk-url",
+        short = 'u',
+        env = "CAIRN_SDK_URL",
+        value_delimiter = ','
+    )]
+    sdk_url: Vec<String>,
+    /// Store, `sqlite://PATH`.
+    #[arg(
+        long,
+        env = "CAIRN_DATABASE_URL",
+        default_value = "sqlite://.cairn/cairn.db"
+    )]
+    database_url: String,
+}
+
+#[derive(Args)]
+struct StartArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Signing key (`signkey-<env>-<hex>` or bare hex).
+    #[arg(long, env = "CAIRN_SIGNING_KEY")]
+    signing_key: Option<String>,
+    /// Accepted event key (repeatable).
+    #[arg(long = "event-key", env = "CAIRN_EVENT_KEY", value_delimiter = ',')]
+    event_key: Vec<String>,
+    /// Store, `sqlite://PATH`.
+    #[arg(
+        long,
+        env = "CAIRN_DATABASE_URL",
+        default_value = "sqlite://.cairn/cairn.db"
+    )]
+    database_url: String,
+}
+
+fn open_store(url: &str) -> anyhow::Result<Arc<SqliteStore>> {
+    let path = match url.strip_prefix("sqlite://") {
+        Some(p) => PathBuf::from(p),
+        None if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            bail!("PostgreSQL is not supported yet; use sqlite://PATH")
+        }
+        None => bail!("unsupported --database-url {url:?}; expected sqlite://PATH"),
+    };
+    let store =
+        SqliteStore::open(&path).with_context(|| format!("opening database {}", path.display()))?;
+    Ok(Arc::new(store))
+}
+
+fn apply_common(cfg: &mut Config, c: &Common) {
+    cfg.retry_interval = c.retry_interval.map(Duration::from_secs);
+    cfg.lease = Duration::from_secs(c.lease_seconds.max(1));
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (config, store, sync_urls) = match cli.command {
+        Command::Dev(a) => {
+            let mut cfg = Config::dev(SocketAddr::new(a.common.host, a.common.port));
+            apply_common(&mut cfg, &a.common);
+            (cfg, open_store(&a.database_url)?, a.sdk_url)
+        }
+        Command::Start(a) => {
+            let Some(key) = a.signing_key.filter(|k| !k.is_empty()) else {
+                bail!("cairn start requires --signing-key (or CAIRN_SIGNING_KEY)");
+            };
+            let hex_part = cairn_protocol_strip(&key);
+            if hex_part.is_empty()
+                || hex_part.len() % 2 != 0
+                || !hex_part.chars().all(|c| c.is_ascii_hexdigit())
+            {
+                bail!("--signing-key must be an even-length hex string, optionally prefixed signkey-<env>-");
+            }
+            let keys: Vec<String> = a.event_key.into_iter().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                bail!("cairn start requires at least one --event-key (or CAIRN_EVENT_KEY)");
+            }
+            let mut cfg = Config::start(SocketAddr::new(a.common.host, a.common.port), key, keys);
+            apply_common(&mut cfg, &a.common);
+            (cfg, open_store(&a.database_url)?, Vec::new())
+        }
+    };
+    let server = Server::start(config, store).await?;
+    let api = format!("http://{}", server.addr());
+    println!("cairn listening on {api}");
+    println!("  event API:  {api}/e/{{key}}");
+    println!("  sync:       {api}/fn/register");
+    for url in &sync_urls {
+        match server.sync_url(url).await {
+            Ok(_) => println!("  synced app: {url}"),
+            Err(e) => eprintln!("  sync failed: {url}: {e:#}"),
+        }
+    }
+    wait_for_signal().await;
+    println!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+/// The hex part of a signing key (prefix `signkey-<env>-` removed).
+fn cairn_protocol_strip(key: &str) -> &str {
+    match key.strip_prefix("signkey-") {
+        Some(rest) => rest.split_once('-').map(|(_, hex)| hex).unwrap_or(rest),
+        None => key,
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,460 @@
+//! A scripted app that speaks the SDK side of the protocol (§6–§7), so the
+//! server can be driven end to end without a real SDK. Each function is a list
+//! of steps replayed against the memo map the server sends, like a real SDK.
+
+#![allow(dead_code)]
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use cairn_protocol::{step_id, CallRequest};
+use cairn_server::store::SqliteStore;
+use cairn_server::{Config, Server};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One step of a scripted function.
+#[derive(Clone)]
+pub enum Step {
+    /// `step.run(id)` returning the value.
+    Run(&'static str, Value),
+    /// `step.run(id)` that throws `fails` times before returning the value.
+    Flaky(&'static str, usize, Value),
+    /// `step.sleep(id, duration)`.
+    Sleep(&'static str, &'static str),
+    /// `step.waitForEvent(id, {event, if, timeout})`.
+    Wait(
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+        &'static str,
+    ),
+    /// `step.invoke(id, {function, data})`.
+    Invoke(&'static str, &'static str, Value),
+    /// `Promise.all` of `step.run`s with these ids returning their values.
+    Parallel(Vec<(&'static str, Value)>),
+    /// The function throws (non-retriable if the flag is set).
+    Throw(bool),
+}
+
+/// A scripted function.
+#[derive(Clone)]
+pub struct FakeFn {
+    /// Function id without the app prefix.
+    pub id: &'static str,
+    /// Sync triggers.
+    pub triggers: Value,
+    /// Steps in code order.
+    pub steps: Vec<Step>,
+    /// Execution version reported in `X-Inngest-Req-Version`.
+    pub version: i64,
+    /// Extra config keys (cancel, retries, timeouts).
+    pub extra: Value,
+}
+
+impl FakeFn {
+    pub fn new(id: &'static str, event: &str, steps: Vec<Step>) -> Self {
+        FakeFn {
+            id,
+            triggers: json!([{"event": event}]),
+            steps,
+            version: 1,
+            extra: json!({}),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Counters {
+    /// Executions of each step body, by step id.
+    pub executed: HashMap<String, usize>,
+    /// Calls received per function.
+    pub calls: HashMap<String, usize>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    app: String,
+    fns: Arc<HashMap<String, FakeFn>>,
+    counters: Arc<Mutex<Counters>>,
+}
+
+pub struct FakeApp {
+    pub url: String,
+    pub app: String,
+    pub fns: Vec<FakeFn>,
+    pub counters: Arc<Mutex<Counters>>,
+}
+
+impl FakeApp {
+    pub async fn start(app: &str, fns: Vec<FakeFn>) -> FakeApp {
+        let counters: Arc<Mutex<Counters>> = Arc::default();
+        let map = fns
+            .iter()
+            .map(|f| (format!("{app}-{}", f.id), f.clone()))
+            .collect();
+        let state = AppState {
+            app: app.to_string(),
+            fns: Arc::new(map),
+            counters: counters.clone(),
+        };
+        let router = Router::new()
+            .route("/api/inngest", post(handle))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        FakeApp {
+            url: format!("http://{addr}/api/inngest"),
+            app: app.to_string(),
+            fns,
+            counters,
+        }
+    }
+
+    /// The `/fn/register` body for this app.
+    pub fn register_body(&self) -> Value {
+        let functions: Vec<Value> = self
+            .fns
+            .iter()
+            .map(|f| {
+                let slug = format!("{}-{}", self.app, f.id);
+                let mut v = json!({
+                    "id": slug, "name": f.id, "triggers": f.triggers,
+                    "steps": {"step": {"id": "step", "name": "step",
+                        "runtime": {"type": "http", "url": format!("{}?fnId={slug}&stepId=step", self.url)}}},
+                });
+                if let (Some(o), Some(extra)) = (v.as_object_mut(), f.extra.as_object()) {
+                    for (k, val) in extra {
+                        o.insert(k.clone(), val.clone());
+                    }
+                }
+                v
+            })
+            .collect();
+        json!({"url": self.url, "deployType": "ping", "framework": "axum", "appName": self.app,
+               "functions": functions, "sdk": "rust:v0.0.1", "v": "0.1"})
+    }
+
+    pub fn executed(&self, step: &str) -> usize {
+        self.counters
+            .lock()
+            .executed
+            .get(step)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+fn sdk_response(
+    status: u16,
+    version: i64,
+    body: Value,
+    extra: &[(&'static str, &str)],
+) -> Response {
+    let mut resp = (StatusCode::from_u16(status).unwrap(), body.to_string()).into_response();
+    let h = resp.headers_mut();
+    h.insert("x-inngest-sdk", "inngest-fake:v0.0.1".parse().unwrap());
+    h.insert(
+        "x-inngest-req-version",
+        version.to_string().parse().unwrap(),
+    );
+    h.insert("content-type", "application/json".parse().unwrap());
+    for (k, v) in extra {
+        h.insert(*k, v.parse().unwrap());
+    }
+    resp
+}
+
+async fn handle(
+    State(st): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+    _h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req: CallRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    };
+    let slug = q.get("fnId").cloned().unwrap_or_default();
+    let Some(f) = st.fns.get(&slug) else {
+        return (StatusCode::NOT_FOUND, "no fn").into_response();
+    };
+    let target = q.get("stepId").cloned().unwrap_or_else(|| "step".into());
+    *st.counters.lock().calls.entry(slug.clone()).or_default() += 1;
+    let memo = |id: &str| req.steps.get(&step_id::hash(id)).cloned();
+    let v = f.version;
+    let exec = |id: &str| {
+        *st.counters
+            .lock()
+            .executed
+            .entry(id.to_string())
+            .or_default() += 1;
+        st.counters.lock().executed[id]
+    };
+    let _ = &st.app;
+
+    if target != "step" {
+        // Targeted call: find the planned step and run just that.
+        for s in &f.steps {
+            if let Step::Parallel(items) = s {
+                for (id, val) in items {
+                    if step_id::hash(id) == target {
+                        exec(id);
+                        return sdk_response(
+                            206,
+                            v,
+                            json!([{"id": target, "op": "StepRun", "name": id, "data": val}]),
+                            &[],
+                        );
+                    }
+                }
+            }
+            if let Step::Run(id, val) = s {
+                if step_id::hash(id) == target {
+                    exec(id);
+                    return sdk_response(
+                        206,
+                        v,
+                        json!([{"id": target, "op": "StepRun", "name": id, "data": val}]),
+                        &[],
+                    );
+                }
+            }
+        }
+        return sdk_response(
+            500,
+            v,
+            json!({"error": "step not found"}),
+            &[("x-inngest-no-retry", "false")],
+        );
+    }
+
+    let mut outputs = serde_json::Map::new();
+    for s in &f.steps {
+        match s {
+            Step::Run(id, val) => {
+                if let Some(m) = memo(id) {
+                    outputs.insert(id.to_string(), m);
+                    continue;
+                }
+                let h = step_id::hash(id);
+                if req.ctx.disable_immediate_execution {
+                    return sdk_response(
+                        206,
+                        v,
+                        json!([{"id": h, "op": "StepPlanned", "name": id}]),
+                        &[],
+                    );
+                }
+                exec(id);
+                return sdk_response(
+                    206,
+                    v,
+                    json!([{"id": h, "op": "StepRun", "name": id, "data": val}]),
+                    &[],
+                );
+            }
+            Step::Flaky(id, fails, val) => {
+                if let Some(m) = memo(id) {
+                    outputs.insert(id.to_string(), m);
+                    continue;
+                }
+                let h = step_id::hash(id);
+                let n = exec(id);
+                if n <= *fails {
+                    let last = req.ctx.attempt + 1 >= req.ctx.max_attempts.unwrap_or(5);
+                    let op = if last { "StepFailed" } else { "StepError" };
+                    return sdk_response(
+                        206,
+                        v,
+                        json!([{"id": h, "op": op, "name": id, "error": {"name": "Error", "message": format!("flaky {n}")}}]),
+                        &[("x-inngest-no-retry", "false")],
+                    );
+                }
+                return sdk_response(
+                    206,
+                    v,
+                    json!([{"id": h, "op": "StepRun", "name": id, "data": val}]),
+                    &[],
+                );
+            }
+            Step::Sleep(id, dur) => {
+                if let Some(m) = memo(id) {
+                    outputs.insert(id.to_string(), m);
+                    continue;
+                }
+                return sdk_response(
+                    206,
+                    v,
+                    json!([{"id": step_id::hash(id), "op": "Sleep", "name": dur, "opts": {}}]),
+                    &[],
+                );
+            }
+            Step::Wait(id, event, cond, timeout) => {
+                if let Some(m) = memo(id) {
+                    outputs.insert(id.to_string(), m);
+                    continue;
+                }
+                let mut opts = json!({"timeout": timeout});
+                if let Some(c) = cond {
+                    opts["if"] = json!(c);
+                }
+                return sdk_response(
+                    206,
+                    v,
+                    json!([{"id": step_id::hash(id), "op": "WaitForEvent", "name": event, "opts": opts}]),
+                    &[],
+                );
+            }
+            Step::Invoke(id, fn_id, data) => {
+                if let Some(m) = memo(id) {
+                    outputs.insert(id.to_string(), m);
+                    continue;
+                }
+                return sdk_response(
+                    206,
+                    v,
+                    json!([{"id": step_id::hash(id), "op": "InvokeFunction",
+                            "opts": {"function_id": fn_id, "payload": {"data": data}, "timeout": "2s"}}]),
+                    &[],
+                );
+            }
+            Step::Parallel(items) => {
+                let missing: Vec<Value> = items
+                    .iter()
+                    .filter(|(id, _)| memo(id).is_none())
+                    .map(
+                        |(id, _)| json!({"id": step_id::hash(id), "op": "StepPlanned", "name": id}),
+                    )
+                    .collect();
+                if !missing.is_empty() {
+                    return sdk_response(206, v, Value::Array(missing), &[]);
+                }
+                for (id, _) in items {
+                    outputs.insert(id.to_string(), memo(id).unwrap());
+                }
+            }
+            Step::Throw(no_retry) => {
+                return sdk_response(
+                    if *no_retry { 400 } else { 500 },
+                    v,
+                    json!({"name": "Error", "message": "function blew up"}),
+                    &[(
+                        "x-inngest-no-retry",
+                        if *no_retry { "true" } else { "false" },
+                    )],
+                );
+            }
+        }
+    }
+    let event_data = req.event.data.clone();
+    sdk_response(200, v, json!({"steps": outputs, "event": event_data}), &[])
+}
+
+/// A server on a temp SQLite database, with a short fixed retry interval.
+pub struct TestServer {
+    pub server: Server,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path().join("cairn.db")).unwrap());
+        let mut cfg = Config::dev("127.0.0.1:0".parse().unwrap());
+        cfg.retry_interval = Some(Duration::from_millis(100));
+        let server = Server::start(cfg, store).await.unwrap();
+        let base = format!("http://{}", server.addr());
+        TestServer {
+            server,
+            base,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    pub async fn register(&self, app: &FakeApp) {
+        let r = self
+            .http
+            .post(format!("{}/fn/register", self.base))
+            .json(&app.register_body())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(status, 200, "register failed: {body}");
+        assert_eq!(body["ok"], true);
+    }
+
+    pub async fn send(&self, event: Value) -> Vec<String> {
+        let r = self
+            .http
+            .post(format!("{}/e/test", self.base))
+            .json(&event)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        body["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Runs started by an event, waiting until at least `n` exist.
+    pub async fn runs_of(&self, event_id: &str, n: usize) -> Vec<Value> {
+        for _ in 0..200 {
+            let v = self.get(&format!("/v1/events/{event_id}/runs")).await;
+            if let Some(a) = v["data"].as_array() {
+                if a.len() >= n {
+                    return a.clone();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("event {event_id} did not start {n} runs");
+    }
+
+    /// Wait until the run is no longer Running and return it.
+    pub async fn finished(&self, run_id: &str) -> Value {
+        for _ in 0..400 {
+            let v = self.get(&format!("/v1/runs/{run_id}")).await;
+            if v["data"]["status"] != "Running" {
+                return v["data"].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("run {run_id} did not finish");
+    }
+
+    /// Send one event and wait for the one run it starts to end.
+    pub async fn run_to_end(&self, event: Value) -> Value {
+        let ids = self.send(event).await;
+        let runs = self.runs_of(&ids[0], 1).await;
+        self.finished(runs[0]["run_id"].as_str().unwrap()).await
+    }
+}
