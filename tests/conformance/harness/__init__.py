@@ -1,0 +1,1 @@
+"""Test harness for the official-SDK conformance suite: processes, signing, fake servers."""

@@ -1,0 +1,395 @@
+"""Fixture app for the official `inngest` PyPI SDK (Flask, synchronous handlers).
+
+Mirrors ../js-common/functions.mjs: same app id, function ids, events, step ids and
+outputs. Besides /api/inngest it answers GET /counters with what the step bodies did.
+"""
+
+import datetime
+import os
+import threading
+import time
+
+import flask
+import inngest
+import inngest.flask
+
+APP_ID = "conformance"
+
+_lock = threading.Lock()
+counters: dict[str, int] = {}
+records: dict[str, list] = {}
+
+
+def bump(name: str, run_id: str | None = None) -> int:
+    with _lock:
+        counters[name] = counters.get(name, 0) + 1
+        if run_id:
+            key = f"{name}@{run_id}"
+            counters[key] = counters.get(key, 0) + 1
+            return counters[key]
+        return counters[name]
+
+
+def record(name: str, value: object) -> None:
+    with _lock:
+        records.setdefault(name, []).append(value)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+client = inngest.Inngest(app_id=APP_ID)
+functions: list[inngest.Function] = []
+
+
+def add(**kwargs):
+    def deco(handler):
+        f = client.create_function(**kwargs)(handler)
+        functions.append(f)
+        return f
+
+    return deco
+
+
+def ev(name: str) -> inngest.TriggerEvent:
+    return inngest.TriggerEvent(event=name)
+
+
+@add(fn_id="serial", trigger=ev("conf/serial"))
+def serial(ctx: inngest.ContextSync) -> dict:
+    def first_step() -> str:
+        bump("first step", ctx.run_id)
+        return "first step"
+
+    first = ctx.step.run("first step", first_step)
+
+    def second_step() -> dict:
+        bump("second step", ctx.run_id)
+        return {"first": first, "second": True}
+
+    second = ctx.step.run("second step", second_step)
+    return {"name": ctx.event.name, "body": "ok", "first": first, "second": second}
+
+
+def _counted(step_id: str, run_id: str, value: object = None):
+    def body():
+        bump(step_id, run_id)
+        return step_id if value is None else value
+
+    return body
+
+
+@add(fn_id="parallel", trigger=ev("conf/parallel"))
+def parallel(ctx: inngest.ContextSync) -> dict:
+    a, b, c = ctx.group.parallel(
+        tuple(
+            (lambda i=i: ctx.step.run(i, _counted(i, ctx.run_id)))
+            for i in ("a", "b", "c")
+        )
+    )
+    d = ctx.step.run("d", _counted("d", ctx.run_id))
+    return {"a": a, "b": b, "c": c, "d": d}
+
+
+@add(fn_id="race", trigger=ev("conf/race"))
+def race(ctx: inngest.ContextSync) -> dict:
+    def slow() -> str:
+        bump("slow", ctx.run_id)
+        time.sleep(1.5)
+        return "slow"
+
+    # Python's group returns every result (race only changes when the server discovers);
+    # the first one is the fast step, like the JS Promise.race winner.
+    results = ctx.group.parallel(
+        (
+            lambda: ctx.step.run("fast", _counted("fast", ctx.run_id)),
+            lambda: ctx.step.run("slow", slow),
+        ),
+        parallel_mode=inngest.ParallelMode.RACE,
+    )
+    after = ctx.step.run("after", _counted("after", ctx.run_id))
+    return {"winner": results[0], "after": after}
+
+
+@add(fn_id="retry", retries=2, trigger=ev("conf/retry"))
+def retry(ctx: inngest.ContextSync) -> dict:
+    def flaky() -> str:
+        n = bump("flaky", ctx.run_id)
+        record("flaky-at", now_ms())
+        if n == 1:
+            raise Exception("flaky failure")
+        return f"recovered after {n} attempts"
+
+    return {"value": ctx.step.run("flaky", flaky)}
+
+
+@add(fn_id="retry-fn", retries=2, trigger=ev("conf/retry-fn"))
+def retry_fn(ctx: inngest.ContextSync) -> dict:
+    bump("handler", ctx.run_id)
+    record("attempts", ctx.attempt)
+    if ctx.attempt == 0:
+        raise Exception("handler failure")
+    return {"attempt": ctx.attempt}
+
+
+@add(fn_id="non-retriable", retries=3, trigger=ev("conf/non-retriable"))
+def non_retriable(ctx: inngest.ContextSync) -> str:
+    def fatal() -> None:
+        bump("fatal", ctx.run_id)
+        raise inngest.NonRetriableError("no retry plz")
+
+    ctx.step.run("fatal", fatal)
+    bump("reached-after-fatal", ctx.run_id)
+    return "unreachable"
+
+
+@add(fn_id="retry-after", retries=2, trigger=ev("conf/retry-after"))
+def retry_after(ctx: inngest.ContextSync) -> dict:
+    def throttled() -> str:
+        n = bump("throttled", ctx.run_id)
+        record("throttled-at", now_ms())
+        if n == 1:
+            raise inngest.RetryAfterError("slow down", datetime.timedelta(seconds=1))
+        return f"ok after {n}"
+
+    return {"value": ctx.step.run("throttled", throttled)}
+
+
+def _on_failure(ctx: inngest.ContextSync) -> str:
+    bump("onFailure")
+    data = ctx.event.data or {}
+    err = data.get("error") or {}
+    original = data.get("event") or {}
+    record(
+        "onFailure",
+        {
+            "message": err.get("message"),
+            "function_id": data.get("function_id"),
+            "run_id": data.get("run_id"),
+            "original_event": original.get("name"),
+            "failure_run_id": ctx.run_id,
+        },
+    )
+    return "handled"
+
+
+@add(fn_id="fail-handled", retries=0, on_failure=_on_failure, trigger=ev("conf/fail-handled"))
+def fail_handled(ctx: inngest.ContextSync) -> str:
+    def doomed() -> None:
+        bump("doomed", ctx.run_id)
+        raise Exception("final failure")
+
+    ctx.step.run("doomed", doomed)
+    return "unreachable"
+
+
+@add(fn_id="sleep", trigger=ev("conf/sleep"))
+def sleep(ctx: inngest.ContextSync) -> dict:
+    before = ctx.step.run("before", now_ms)
+    ctx.step.sleep("nap", datetime.timedelta(seconds=2))
+    after = ctx.step.run("after", now_ms)
+    return {"slept_ms": after - before}
+
+
+@add(fn_id="sleep-until", trigger=ev("conf/sleep-until"))
+def sleep_until(ctx: inngest.ContextSync) -> dict:
+    before = ctx.step.run("before", now_ms)
+    until = datetime.datetime.fromtimestamp((before + 2000) / 1000, tz=datetime.timezone.utc)
+    ctx.step.sleep_until("until", until)
+    after = ctx.step.run("after", now_ms)
+    return {"slept_ms": after - before}
+
+
+def _wait_result(found: inngest.Event | None) -> dict:
+    return {"matched": found is not None, "data": found.data if found else None}
+
+
+@add(fn_id="wait-match", trigger=ev("conf/wait-match"))
+def wait_match(ctx: inngest.ContextSync) -> dict:
+    bump("reached-wait", ctx.run_id)
+    # JS `match: "data.id"` compiles to exactly this expression.
+    found = ctx.step.wait_for_event(
+        "wait",
+        event="conf/wait-match.resume",
+        if_exp="event.data.id == async.data.id",
+        timeout=datetime.timedelta(seconds=20),
+    )
+    return _wait_result(found)
+
+
+@add(fn_id="wait-if", trigger=ev("conf/wait-if"))
+def wait_if(ctx: inngest.ContextSync) -> dict:
+    bump("reached-wait", ctx.run_id)
+    found = ctx.step.wait_for_event(
+        "wait",
+        event="conf/wait-if.resume",
+        if_exp="async.data.ok == true && async.data.id == event.data.id",
+        timeout=datetime.timedelta(seconds=20),
+    )
+    return _wait_result(found)
+
+
+@add(fn_id="wait-timeout", trigger=ev("conf/wait-timeout"))
+def wait_timeout(ctx: inngest.ContextSync) -> dict:
+    found = ctx.step.wait_for_event(
+        "wait", event="conf/wait-timeout.never", timeout=datetime.timedelta(seconds=2)
+    )
+    return {"matched": found is not None}
+
+
+@add(fn_id="invoke-child", retries=0, trigger=ev("conf/invoke-child.never"))
+def invoke_child(ctx: inngest.ContextSync) -> dict:
+    bump("invoke-child")
+    return {"doubled": ctx.event.data["n"] * 2}
+
+
+@add(fn_id="invoke-child-fail", retries=0, trigger=ev("conf/invoke-child-fail.never"))
+def invoke_child_fail(ctx: inngest.ContextSync) -> None:
+    bump("invoke-child-fail")
+    raise Exception("child broke")
+
+
+@add(fn_id="invoke-child-slow", retries=0, trigger=ev("conf/invoke-child-slow.never"))
+def invoke_child_slow(ctx: inngest.ContextSync) -> str:
+    ctx.step.sleep("long", datetime.timedelta(seconds=30))
+    return "too late"
+
+
+@add(fn_id="invoke", retries=0, trigger=ev("conf/invoke"))
+def invoke(ctx: inngest.ContextSync) -> dict:
+    res = ctx.step.invoke("call-child", function=invoke_child, data={"n": 21})
+    return {"child": res}
+
+
+def _caught(err: Exception) -> dict:
+    return {"caught": True, "name": getattr(err, "name", type(err).__name__), "message": str(getattr(err, "message", err))}
+
+
+@add(fn_id="invoke-failure", retries=0, trigger=ev("conf/invoke-failure"))
+def invoke_failure(ctx: inngest.ContextSync) -> dict:
+    try:
+        ctx.step.invoke("call-child", function=invoke_child_fail, data={})
+    except inngest.StepError as err:
+        return _caught(err)
+    return {"caught": False}
+
+
+@add(fn_id="invoke-timeout", retries=0, trigger=ev("conf/invoke-timeout"))
+def invoke_timeout(ctx: inngest.ContextSync) -> dict:
+    try:
+        ctx.step.invoke(
+            "call-child",
+            function=invoke_child_slow,
+            data={},
+            timeout=datetime.timedelta(seconds=1),
+        )
+    except inngest.StepError as err:
+        return _caught(err)
+    return {"caught": False}
+
+
+@add(fn_id="send-event", trigger=ev("conf/send-event"))
+def send_event(ctx: inngest.ContextSync) -> dict:
+    ids = ctx.step.send_event(
+        "send", inngest.Event(name="conf/sent-by-step", data={"tag": ctx.event.data["tag"]})
+    )
+    return {"ids": ids}
+
+
+@add(fn_id="send-receiver", trigger=ev("conf/sent-by-step"))
+def send_receiver(ctx: inngest.ContextSync) -> dict:
+    bump("send-receiver")
+    return {"tag": ctx.event.data["tag"]}
+
+
+@add(
+    fn_id="cancel-on",
+    cancel=[inngest.Cancel(event="conf/cancel-on.cancel", if_exp="event.data.id == async.data.id")],
+    trigger=ev("conf/cancel-on"),
+)
+def cancel_on(ctx: inngest.ContextSync) -> str:
+    ctx.step.run("start", lambda: (bump("start", ctx.run_id), "started")[1])
+    bump("reached-sleep", ctx.run_id)
+    ctx.step.sleep("nap", datetime.timedelta(seconds=5))
+    ctx.step.run("after-sleep", lambda: (bump("after-sleep", ctx.run_id), "should not happen")[1])
+    return "not cancelled"
+
+
+@add(
+    fn_id="batch",
+    batch_events=inngest.Batch(max_size=3, timeout=datetime.timedelta(seconds=5)),
+    trigger=ev("conf/batch"),
+)
+def batch(ctx: inngest.ContextSync) -> dict:
+    bump("batch-run")
+    return {"count": len(ctx.events), "seqs": sorted(e.data["seq"] for e in ctx.events)}
+
+
+@add(
+    fn_id="big-batch",
+    batch_events=inngest.Batch(max_size=5, timeout=datetime.timedelta(seconds=5)),
+    trigger=ev("conf/big-batch"),
+)
+def big_batch(ctx: inngest.ContextSync) -> dict:
+    bump("big-batch-run")
+    return {"count": len(ctx.events), "total": sum(len(e.data["blob"]) for e in ctx.events)}
+
+
+@add(fn_id="big-steps", trigger=ev("conf/big-steps"))
+def big_steps(ctx: inngest.ContextSync) -> dict:
+    lens = []
+    for i in range(5):
+        s = ctx.step.run(f"big-{i}", lambda i=i: (bump(f"big-{i}", ctx.run_id), str(i) * (1024 * 1024))[1])
+        lens.append(len(s))
+    return {"lens": lens}
+
+
+@add(fn_id="loop", trigger=ev("conf/loop"))
+def loop(ctx: inngest.ContextSync) -> list:
+    out = []
+    for i in range(3):
+        out.append(ctx.step.run("item", lambda i=i: (bump("item", ctx.run_id), i)[1]))
+    return out
+
+
+@add(fn_id="founding", trigger=ev("conf/founding"))
+def founding(ctx: inngest.ContextSync) -> dict:
+    big = ctx.step.run("collect-data", lambda: (bump("collect-data", ctx.run_id), "x" * 1_000_000)[1])
+    digest = ctx.step.run("digest", lambda: (bump("digest", ctx.run_id), big[:100])[1])
+    fin = ctx.step.run("finalize", lambda: (bump("finalize", ctx.run_id), {"done": True})[1])
+    return {"len": len(digest), "done": fin["done"]}
+
+
+@add(fn_id="auth-probe", retries=0, trigger=ev("conf/auth-probe"))
+def auth_probe(ctx: inngest.ContextSync) -> str:
+    bump("auth-probe")
+    return "authorized"
+
+
+if os.environ.get("CONF_CRON"):
+
+    @add(fn_id="cron-tick", trigger=inngest.TriggerCron(cron=os.environ["CONF_CRON"]))
+    def cron_tick(ctx: inngest.ContextSync) -> str:
+        bump("cron-tick")
+        record("cron-tick", {"name": ctx.event.name, "cron": (ctx.event.data or {}).get("cron")})
+        return "tick"
+
+
+app = flask.Flask(__name__)
+inngest.flask.serve(app, client, functions)
+
+
+@app.get("/counters")
+def get_counters():
+    with _lock:
+        return flask.jsonify({"counters": dict(counters), "records": dict(records)})
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    port = int(os.environ.get("PORT", "3000"))
+    print(f"py fixture app on http://127.0.0.1:{port}/api/inngest ({len(functions)} functions)", flush=True)
+    app.run(host="127.0.0.1", port=port, threaded=True)
