@@ -116,38 +116,6 @@ impl PauseMatcher for CelPauseMatcher {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn cel_compares_json_ints_and_strings() {
-        let ev = json!({"name": "a/b", "data": {"n": 1, "s": "x"}});
-        assert!(eval_bool(
-            "event.data.n == 1 && event.data.s == 'x'",
-            &[("event", &ev)]
-        )
-        .unwrap());
-        assert!(!eval_bool("event.data.n == 2", &[("event", &ev)]).unwrap());
-        assert!(!eval_bool("event.data.missing == 2", &[("event", &ev)]).unwrap());
-        let other = json!({"data": {"id": 1}});
-        let trig = json!({"data": {"id": 1}});
-        assert!(eval_bool(
-            "async.data.id == event.data.id",
-            &[("event", &trig), ("async", &other)]
-        )
-        .unwrap());
-    }
-
-    #[test]
-    fn wildcard_names() {
-        assert!(name_matches("app/*", "app/x"));
-        assert!(!name_matches("app/*", "other/x"));
-        assert!(name_matches("a", "a"));
-    }
-}
-
 /// Turns stored events into runs and resumed pauses, in arrival order.
 ///
 /// Events are committed before they are matched, so a crash between the two
@@ -245,4 +213,36 @@ async fn process_event(
         .apply_event(ev, runs, extra, engine.pause_matcher(), now)
         .await?;
     Ok(created.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn cel_compares_json_ints_and_strings() {
+        let ev = json!({"name": "a/b", "data": {"n": 1, "s": "x"}});
+        assert!(eval_bool(
+            "event.data.n == 1 && event.data.s == 'x'",
+            &[("event", &ev)]
+        )
+        .unwrap());
+        assert!(!eval_bool("event.data.n == 2", &[("event", &ev)]).unwrap());
+        assert!(!eval_bool("event.data.missing == 2", &[("event", &ev)]).unwrap());
+        let other = json!({"data": {"id": 1}});
+        let trig = json!({"data": {"id": 1}});
+        assert!(eval_bool(
+            "async.data.id == event.data.id",
+            &[("event", &trig), ("async", &other)]
+        )
+        .unwrap());
+    }
+
+    #[test]
+    fn wildcard_names() {
+        assert!(name_matches("app/*", "app/x"));
+        assert!(!name_matches("app/*", "other/x"));
+        assert!(name_matches("a", "a"));
+    }
 }

@@ -27,6 +27,16 @@ pub struct SqliteStore {
     path: PathBuf,
     tx: std::sync::mpsc::Sender<Job>,
     readers: Mutex<Vec<Connection>>,
+    stats: Arc<WriterStats>,
+}
+
+/// Counters from the writer thread, to observe group commit.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Transactions committed.
+    pub commits: std::sync::atomic::AtomicU64,
+    /// Write requests applied.
+    pub writes: std::sync::atomic::AtomicU64,
 }
 
 const SCHEMA: &str = r#"
@@ -147,15 +157,23 @@ impl SqliteStore {
             .map_err(unusable)?;
         }
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let stats = Arc::new(WriterStats::default());
+        let st = stats.clone();
         std::thread::Builder::new()
             .name("cairn-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, &st))
             .map_err(be)?;
         Ok(SqliteStore {
             path,
             tx,
             readers: Mutex::new(Vec::new()),
+            stats,
         })
+    }
+
+    /// Writer counters (commits vs. writes shows how much group commit merges).
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
     }
 
     async fn write<R: Send + 'static>(
@@ -183,7 +201,7 @@ impl SqliteStore {
     }
 
     async fn read<R: Send + 'static>(
-        self: &Self,
+        &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> StoreResult<R> {
         let conn = match self.readers.lock().pop() {
@@ -205,7 +223,8 @@ impl SqliteStore {
     }
 }
 
-fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
+fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>, stats: &WriterStats) {
+    use std::sync::atomic::Ordering::Relaxed;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -227,7 +246,14 @@ fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
         }
         for job in batch {
             let _ = conn.execute_batch("SAVEPOINT job");
-            let (ok, fin) = job(&conn);
+            // A panicking job must not take the only writer down with it.
+            let Ok((ok, fin)) =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&conn)))
+            else {
+                let _ = conn.execute_batch("ROLLBACK TO job");
+                let _ = conn.execute_batch("RELEASE job");
+                continue;
+            };
             if !ok {
                 let _ = conn.execute_batch("ROLLBACK TO job");
             }
@@ -239,6 +265,8 @@ fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
             let _ = conn.execute_batch("ROLLBACK");
         }
         metrics::histogram!("cairn_store_commit_batch_size").record(finishers.len() as f64);
+        stats.commits.fetch_add(1, Relaxed);
+        stats.writes.fetch_add(finishers.len() as u64, Relaxed);
         for fin in finishers {
             fin(commit.clone());
         }

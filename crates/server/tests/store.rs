@@ -1,0 +1,287 @@
+//! The SQLite store against real files in temp dirs.
+
+use cairn_server::store::*;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+struct AlwaysMatch;
+impl PauseMatcher for AlwaysMatch {
+    fn matches(&self, p: &Pause, e: &Value) -> bool {
+        e["name"] == json!(p.event_name)
+    }
+}
+
+fn matcher() -> Arc<dyn PauseMatcher> {
+    Arc::new(AlwaysMatch)
+}
+
+fn ev(name: &str) -> NewEvent {
+    let id = ulid::Ulid::new().to_string();
+    NewEvent {
+        internal_id: id.clone(),
+        event: json!({"name": name, "id": id, "data": {}, "ts": 1}),
+        received_at: 1,
+        target_fn: None,
+    }
+}
+
+fn open(dir: &tempfile::TempDir) -> Arc<SqliteStore> {
+    Arc::new(SqliteStore::open(dir.path().join("db.sqlite")).unwrap())
+}
+
+/// Insert one event and create a run from it; returns the run id.
+async fn make_run(store: &SqliteStore, run_id: &str) -> String {
+    store.insert_events(vec![ev("t/start")]).await.unwrap();
+    let stored = store.unprocessed_events(1).await.unwrap().remove(0);
+    let run = NewRun {
+        run_id: run_id.to_string(),
+        fn_slug: "app-fn".into(),
+        idem_key: stored.internal_id.clone(),
+        events: vec![stored.event.clone()],
+        trigger_internal_id: stored.internal_id.clone(),
+        created_at: 1,
+        items: vec![NewItem {
+            id: format!("{run_id}:start"),
+            run_id: run_id.to_string(),
+            kind: ItemKind::Call {
+                step: None,
+                predecessor: None,
+            },
+            available_at: 0,
+            unless_memo: None,
+        }],
+        pauses: vec![],
+    };
+    let created = store
+        .apply_event(stored, vec![run], vec![], matcher(), 1)
+        .await
+        .unwrap();
+    assert_eq!(created, vec![run_id.to_string()]);
+    run_id.to_string()
+}
+
+#[tokio::test]
+async fn concurrent_writes_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let before = store.stats().commits.load(Relaxed);
+    let futs = (0..400).map(|_| {
+        let s = store.clone();
+        tokio::spawn(async move { s.insert_events(vec![ev("t/x")]).await.unwrap() })
+    });
+    for f in futures::future::join_all(futs).await {
+        f.unwrap();
+    }
+    let commits = store.stats().commits.load(Relaxed) - before;
+    assert!(
+        commits < 400,
+        "no group commit: {commits} commits for 400 writes"
+    );
+    assert_eq!(store.list_events(1000, None).await.unwrap().len(), 400);
+}
+
+#[tokio::test]
+async fn events_survive_reopen_and_stay_unprocessed_until_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(&dir);
+        store
+            .insert_events(vec![ev("a/1"), ev("a/2")])
+            .await
+            .unwrap();
+    }
+    let store = open(&dir);
+    let un = store.unprocessed_events(10).await.unwrap();
+    assert_eq!(
+        un.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        ["a/1", "a/2"]
+    );
+    store
+        .apply_event(un[0].clone(), vec![], vec![], matcher(), 1)
+        .await
+        .unwrap();
+    assert_eq!(store.unprocessed_events(10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn memo_first_write_wins_and_lease_guards_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let run = make_run(&store, "RUN1").await;
+    let items = store.claim("A", 10, 1000, 10).await.unwrap();
+    assert_eq!(items.len(), 1);
+    // Leased: nobody else gets it before expiry.
+    assert!(store.claim("B", 500, 2000, 10).await.unwrap().is_empty());
+    assert_eq!(store.next_due().await.unwrap(), Some(1000));
+    // After expiry B takes it, and A's late result is refused.
+    let stolen = store.claim("B", 1001, 3000, 10).await.unwrap();
+    assert_eq!(stolen.len(), 1);
+    let late = Apply {
+        item: Some((items[0].id.clone(), "A".into())),
+        run_id: run.clone(),
+        memos: vec![("h1".into(), json!({"data": "late"}))],
+        ..Default::default()
+    };
+    assert!(matches!(
+        store.apply(late, matcher(), 5).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    assert!(store.steps(&run).await.unwrap().is_empty());
+
+    let ok = Apply {
+        item: Some((items[0].id.clone(), "B".into())),
+        run_id: run.clone(),
+        memos: vec![("h1".into(), json!({"data": "first"}))],
+        ..Default::default()
+    };
+    store.apply(ok, matcher(), 5).await.unwrap();
+    let again = Apply {
+        run_id: run.clone(),
+        memos: vec![("h1".into(), json!({"data": "second"}))],
+        ..Default::default()
+    };
+    store.apply(again, matcher(), 6).await.unwrap();
+    assert_eq!(
+        store.steps(&run).await.unwrap(),
+        vec![("h1".to_string(), json!({"data": "first"}))]
+    );
+    assert_eq!(store.queue_depth().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn pause_created_after_event_is_still_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let run = make_run(&store, "RUN2").await;
+    let since = store.event_high_water().await.unwrap();
+    // The event arrives and is matched before the pause exists.
+    store.insert_events(vec![ev("t/resume")]).await.unwrap();
+    let e = store.unprocessed_events(1).await.unwrap().remove(0);
+    store
+        .apply_event(e, vec![], vec![], matcher(), 2)
+        .await
+        .unwrap();
+    let pause = Pause {
+        id: format!("{run}:w:pause"),
+        run_id: run.clone(),
+        step: "w".into(),
+        kind: PauseKind::Wait,
+        event_name: "t/resume".into(),
+        expr: None,
+        correlation: None,
+        trigger: json!({}),
+        expires_at: 10_000,
+        since_seq: since,
+    };
+    let timeout = NewItem {
+        id: format!("{run}:w:timeout"),
+        run_id: run.clone(),
+        kind: ItemKind::PauseTimeout {
+            pause_id: pause.id.clone(),
+            step: "w".into(),
+            invoke: false,
+        },
+        available_at: 10_000,
+        unless_memo: None,
+    };
+    store
+        .apply(
+            Apply {
+                run_id: run.clone(),
+                pauses: vec![(pause, timeout)],
+                ..Default::default()
+            },
+            matcher(),
+            3,
+        )
+        .await
+        .unwrap();
+    let steps = store.steps(&run).await.unwrap();
+    assert_eq!(steps.len(), 1);
+    assert_eq!(steps[0].1["name"], "t/resume");
+    // The timeout is gone and a discovery call is queued instead.
+    let items = store.claim("A", 5, 100, 10).await.unwrap();
+    let kinds: Vec<_> = items.iter().map(|i| i.kind.clone()).collect();
+    assert!(
+        kinds.contains(&ItemKind::Call {
+            step: None,
+            predecessor: Some("w".into())
+        }),
+        "{kinds:?}"
+    );
+    assert!(!kinds
+        .iter()
+        .any(|k| matches!(k, ItemKind::PauseTimeout { .. })));
+}
+
+#[tokio::test]
+async fn finishing_a_run_clears_work_and_queues_finalisation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let run = make_run(&store, "RUN3").await;
+    assert!(store.cancel_run(&run, 9).await.unwrap());
+    assert!(!store.cancel_run(&run, 9).await.unwrap(), "cancelled twice");
+    assert_eq!(
+        store.get_run(&run).await.unwrap().unwrap().status,
+        RunStatus::Cancelled
+    );
+    let items = store.claim("A", 100, 200, 10).await.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].kind, ItemKind::Finalize);
+}
+
+#[tokio::test]
+async fn cron_ticks_fire_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    assert!(store
+        .fire_cron(
+            "f",
+            "* * * * *",
+            60_000,
+            Some(ev("inngest/scheduled.timer"))
+        )
+        .await
+        .unwrap());
+    assert!(!store
+        .fire_cron(
+            "f",
+            "* * * * *",
+            60_000,
+            Some(ev("inngest/scheduled.timer"))
+        )
+        .await
+        .unwrap());
+    assert!(!store
+        .fire_cron("f", "* * * * *", 0, Some(ev("inngest/scheduled.timer")))
+        .await
+        .unwrap());
+    assert_eq!(
+        store.cron_last("f", "* * * * *").await.unwrap(),
+        Some(60_000)
+    );
+    assert_eq!(store.list_events(10, None).await.unwrap().len(), 1);
+}
+
+#[test]
+fn refuses_newer_schema_and_garbage_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    drop(SqliteStore::open(&path).unwrap());
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("PRAGMA user_version=99").unwrap();
+    }
+    assert!(matches!(
+        SqliteStore::open(&path),
+        Err(StoreError::SchemaTooNew { found: 99, .. })
+    ));
+
+    let junk = dir.path().join("junk.sqlite");
+    std::fs::write(&junk, vec![0x42u8; 8192]).unwrap();
+    let err = SqliteStore::open(&junk).err().expect("garbage accepted");
+    assert!(matches!(err, StoreError::Unusable(_)), "{err}");
+    // Never reset: the bytes are untouched.
+    assert_eq!(std::fs::read(&junk).unwrap(), vec![0x42u8; 8192]);
+}
