@@ -9,18 +9,14 @@ import os
 
 import pytest
 
-from harness.procs import SDKS
+import harness.procs as procs_mod
 
 
 def selected_sdks() -> list[str]:
-    raw = os.environ.get("SDK", "").strip()
-    if not raw or raw == "all":
-        return list(SDKS)
-    chosen = [s.strip() for s in raw.split(",") if s.strip()]
-    bad = [s for s in chosen if s not in SDKS]
-    if bad:
-        raise pytest.UsageError(f"SDK must be one of {SDKS} (got {bad})")
-    return chosen
+    try:
+        return procs_mod.selected_sdks()
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def pytest_generate_tests(metafunc):
@@ -66,3 +62,14 @@ def make_stack(procs, tmp_path):
         return Stack.start(sdk, tmp_path, procs, **kw)
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    from cases.known_failures import KNOWN_FAILURES
+
+    for item in items:
+        sdk = getattr(item, "callspec", None) and item.callspec.params.get("sdk")
+        name = getattr(item, "originalname", item.name)
+        reason = KNOWN_FAILURES.get((name, sdk)) or KNOWN_FAILURES.get((name, None))
+        if reason:
+            item.add_marker(pytest.mark.xfail(reason=reason, strict=True))

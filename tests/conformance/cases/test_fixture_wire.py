@@ -383,3 +383,17 @@ def test_js4_checkpointing_wire(sdk, capp):
     assert cps[0].json()["fn_id"] == "00000000-0000-4000-a000-000000000001"
     assert cps[0].json()["qi_id"] == "cWk="
     assert cps[0].headers["authorization"] == f"Bearer signkey-test-{wire.hashed_signing_key()}"
+
+
+def test_cron_trigger_passthrough(sdk, procs, tmp_path):
+    """The SDKs pass a 6-field (seconds) cron schedule through to the register body as is."""
+    fake = FakeInngest({("POST", "/fn/register"): json_route(200, {"ok": True, "modified": True})})
+    try:
+        app = App(sdk, tmp_path, {**cloud_env(fake.url), "CONF_CRON": "*/2 * * * * *"})
+        procs.append(app)
+        assert app.put_sync().status_code == 200
+        body = fake.find("POST", "/fn/register")[-1].json()
+        [tick] = [f for f in body["functions"] if f["id"] == "conformance-cron-tick"]
+        assert tick["triggers"] == [{"cron": "*/2 * * * * *"}]
+    finally:
+        fake.stop()

@@ -156,6 +156,7 @@ def cairn_bin() -> Path:
 
 
 TERMINAL = ("Completed", "Failed", "Cancelled")
+RETRY_INTERVAL = 5
 
 
 class Cairn:
@@ -182,6 +183,9 @@ class Cairn:
             argv += ["--signing-key", signing_key or wire.SIGNING_KEY, "--event-key", self.event_key]
         for u in sync_urls or []:
             argv += ["-u", u]
+        # A fixed 5 s retry delay instead of the 15 s+ backoff table (like `inngest dev
+        # --retry-interval`); still far from the 1 s a RetryAfterError asks for.
+        argv += ["--retry-interval", str(RETRY_INTERVAL)]
         argv += shlex.split(os.environ.get("CAIRN_ARGS", ""))
         argv += extra_args or []
         env = dict(os.environ)
@@ -284,3 +288,20 @@ def only_sdks(*sdks: str):
         return fn
 
     return deco
+
+
+def selected_sdks() -> list[str]:
+    """SDKs chosen by the SDK env var (js3|js4|py, comma-separated; empty or "all" = every one)."""
+    raw = os.environ.get("SDK", "").strip()
+    if not raw or raw == "all":
+        return list(SDKS)
+    chosen = [s.strip() for s in raw.split(",") if s.strip()]
+    bad = [s for s in chosen if s not in SDKS]
+    if bad:
+        raise ValueError(f"SDK must be one of {SDKS} (got {bad})")
+    return chosen
+
+
+def selected_first_sdk() -> str:
+    """The good app of SDK-independent cases: the founding report's js3 unless SDK says otherwise."""
+    return selected_sdks()[0]
