@@ -136,7 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let hex_part = cairn_protocol_strip(&key);
             if hex_part.is_empty()
-                || hex_part.len() % 2 != 0
+                || !hex_part.len().is_multiple_of(2)
                 || !hex_part.chars().all(|c| c.is_ascii_hexdigit())
             {
                 bail!("--signing-key must be an even-length hex string, optionally prefixed signkey-<env>-");

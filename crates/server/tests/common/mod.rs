@@ -76,6 +76,11 @@ pub struct Counters {
     pub executed: HashMap<String, usize>,
     /// Calls received per function.
     pub calls: HashMap<String, usize>,
+    /// Memo hashes already sent per run; a later call missing one means a
+    /// committed step result was lost and the step would run again.
+    pub seen: HashMap<String, std::collections::HashSet<String>>,
+    /// Descriptions of lost memos.
+    pub violations: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -187,16 +192,29 @@ async fn handle(
         return (StatusCode::NOT_FOUND, "no fn").into_response();
     };
     let target = q.get("stepId").cloned().unwrap_or_else(|| "step".into());
-    *st.counters.lock().calls.entry(slug.clone()).or_default() += 1;
+    {
+        let mut c = st.counters.lock();
+        *c.calls.entry(slug.clone()).or_default() += 1;
+        let run = req.ctx.run_id.clone();
+        let seen = c.seen.entry(run.clone()).or_default().clone();
+        for h in &seen {
+            if !req.steps.contains_key(h) {
+                c.violations.push(format!("run {run}: memo {h} missing"));
+            }
+        }
+        c.seen
+            .entry(run)
+            .or_default()
+            .extend(req.steps.keys().cloned());
+    }
+    let run_id = req.ctx.run_id.clone();
     let memo = |id: &str| req.steps.get(&step_id::hash(id)).cloned();
     let v = f.version;
     let exec = |id: &str| {
-        *st.counters
-            .lock()
-            .executed
-            .entry(id.to_string())
-            .or_default() += 1;
-        st.counters.lock().executed[id]
+        let mut c = st.counters.lock();
+        *c.executed.entry(format!("{run_id}/{id}")).or_default() += 1;
+        *c.executed.entry(id.to_string()).or_default() += 1;
+        c.executed[id]
     };
     let _ = &st.app;
 
