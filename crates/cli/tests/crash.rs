@@ -37,16 +37,17 @@ impl Cairn {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn cairn");
-        let base = format!("http://127.0.0.1:{port}");
+        // Owned by the guard at once, so every path (including panics) reaps it.
+        let server = Cairn { child, base: format!("http://127.0.0.1:{port}") };
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if http.get(format!("{base}/health")).send().await.is_ok() {
-                return Cairn { child, base };
+            if http.get(format!("{}/health", server.base)).send().await.is_ok() {
+                return server;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("cairn did not come up on {base}");
+        panic!("cairn did not come up on {}", server.base);
     }
 
     fn kill9(mut self) {
