@@ -38,11 +38,19 @@ impl Cairn {
             .spawn()
             .expect("spawn cairn");
         // Owned by the guard at once, so every path (including panics) reaps it.
-        let server = Cairn { child, base: format!("http://127.0.0.1:{port}") };
+        let server = Cairn {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if http.get(format!("{}/health", server.base)).send().await.is_ok() {
+            if http
+                .get(format!("{}/health", server.base))
+                .send()
+                .await
+                .is_ok()
+            {
                 return server;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -81,6 +81,10 @@ pub struct Counters {
     pub seen: HashMap<String, std::collections::HashSet<String>>,
     /// Descriptions of lost memos.
     pub violations: Vec<String>,
+    /// Calls refused for a bad signature.
+    pub bad_signatures: usize,
+    /// Bodies and server-kind headers of sync PUTs received.
+    pub puts: Vec<(Value, String)>,
 }
 
 #[derive(Clone)]
@@ -88,6 +92,11 @@ struct AppState {
     app: String,
     fns: Arc<HashMap<String, FakeFn>>,
     counters: Arc<Mutex<Counters>>,
+    /// When set, calls must carry a valid signature with this key.
+    key: Option<String>,
+    /// Where to POST /fn/register when a sync PUT arrives.
+    server: Arc<Mutex<Option<String>>>,
+    register: Arc<Mutex<Value>>,
 }
 
 pub struct FakeApp {
@@ -95,32 +104,51 @@ pub struct FakeApp {
     pub app: String,
     pub fns: Vec<FakeFn>,
     pub counters: Arc<Mutex<Counters>>,
+    server: Arc<Mutex<Option<String>>>,
 }
 
 impl FakeApp {
     pub async fn start(app: &str, fns: Vec<FakeFn>) -> FakeApp {
+        Self::start_with_key(app, fns, None).await
+    }
+
+    /// An app that verifies call signatures with `key`.
+    pub async fn start_with_key(app: &str, fns: Vec<FakeFn>, key: Option<&str>) -> FakeApp {
         let counters: Arc<Mutex<Counters>> = Arc::default();
         let map = fns
             .iter()
             .map(|f| (format!("{app}-{}", f.id), f.clone()))
             .collect();
+        let server: Arc<Mutex<Option<String>>> = Arc::default();
+        let register: Arc<Mutex<Value>> = Arc::default();
         let state = AppState {
             app: app.to_string(),
             fns: Arc::new(map),
             counters: counters.clone(),
+            key: key.map(str::to_string),
+            server: server.clone(),
+            register: register.clone(),
         };
         let router = Router::new()
-            .route("/api/inngest", post(handle))
+            .route("/api/inngest", post(handle).put(sync))
             .with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-        FakeApp {
+        let fake = FakeApp {
             url: format!("http://{addr}/api/inngest"),
             app: app.to_string(),
             fns,
             counters,
-        }
+            server,
+        };
+        *register.lock() = fake.register_body();
+        fake
+    }
+
+    /// Make sync PUTs register with this server base URL.
+    pub fn sync_to(&self, base: &str) {
+        *self.server.lock() = Some(base.to_string());
     }
 
     /// The `/fn/register` body for this app.
@@ -177,12 +205,48 @@ fn sdk_response(
     resp
 }
 
+async fn sync(State(st): State<AppState>, h: HeaderMap, body: Bytes) -> Response {
+    let kind = h
+        .get("x-inngest-server-kind")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let parsed = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    st.counters.lock().puts.push((parsed, kind.to_string()));
+    let server = st.server.lock().clone();
+    let Some(server) = server else {
+        return (StatusCode::OK, "{}").into_response();
+    };
+    let reg = st.register.lock().clone();
+    let url = format!("{server}/fn/register");
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(&reg)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    sdk_response(
+        200,
+        1,
+        json!({"message": "synced", "modified": v["modified"]}),
+        &[],
+    )
+}
+
 async fn handle(
     State(st): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
-    _h: HeaderMap,
+    h: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(key) = &st.key {
+        let sig = h.get("x-inngest-signature").and_then(|v| v.to_str().ok());
+        let now = chrono::Utc::now().timestamp();
+        if cairn_protocol::signature::verify(sig, &body, &[key.as_str()], now).is_err() {
+            st.counters.lock().bad_signatures += 1;
+            return (StatusCode::UNAUTHORIZED, r#"{"message":"Unauthorized"}"#).into_response();
+        }
+    }
     let req: CallRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
