@@ -35,6 +35,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/events/{id}/runs", get(event_runs))
         .route("/v1/runs/{id}", get(get_run).delete(cancel_run))
         .route("/v1/apps/{app}/functions", get(app_functions))
+        .route("/v1/checkpoint/{id}/async", post(checkpoint_async))
         .route_layer(middleware::from_fn_with_state(engine.clone(), bearer_auth));
     Router::new()
         .route("/e/{key}", post(ingest))
@@ -435,6 +436,66 @@ async fn cancel_run(State(engine): S, Path(id): Path<String>) -> Response {
             metrics::counter!("cairn_runs_cancelled_total").increment(1);
             wrap(json!({"run_id": id, "status": "Cancelled"}))
         }
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct CheckpointBody {
+    #[serde(default)]
+    qi_id: Option<String>,
+    #[serde(default)]
+    steps: Vec<cairn_protocol::Op>,
+}
+
+/// Steps a JS v4 SDK ran inside one call, saved as they happen (§13.2). The
+/// call's own response still decides what comes next.
+async fn checkpoint_async(State(engine): S, Path(id): Path<String>, body: Bytes) -> Response {
+    use cairn_protocol::Opcode;
+    let bad = |msg: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": msg, "data": {"run_id": id}, "status": 400})),
+        )
+            .into_response()
+    };
+    let req: CheckpointBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return bad(format!("invalid checkpoint body: {e}")),
+    };
+    match engine.store.get_run(&id).await {
+        Ok(Some(r)) if r.status == RunStatus::Running => {}
+        Ok(_) => return bad("run not found or not running".into()),
+        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+    let mut apply = crate::store::Apply {
+        run_id: id.clone(),
+        reset_attempt: req.qi_id.clone(),
+        ..Default::default()
+    };
+    for op in &req.steps {
+        match &op.op {
+            Opcode::StepRun => apply.memos.push((
+                op.id.clone(),
+                json!({"data": op.data.clone().unwrap_or(Value::Null)}),
+            )),
+            Opcode::Step => apply
+                .memos
+                .push((op.id.clone(), op.data.clone().unwrap_or(Value::Null))),
+            Opcode::StepFailed => apply.memos.push((
+                op.id.clone(),
+                json!({"error": op.error.as_ref().map(|e| serde_json::to_value(e).unwrap_or(Value::Null))}),
+            )),
+            Opcode::StepPlanned | Opcode::DeferAdd | Opcode::DeferAbort | Opcode::None => {}
+            other => return bad(format!("cannot checkpoint async steps ({})", other.as_str())),
+        }
+    }
+    match engine
+        .store
+        .apply(apply, engine.pause_matcher(), engine.now())
+        .await
+    {
+        Ok(()) => StatusCode::OK.into_response(),
         Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

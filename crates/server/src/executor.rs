@@ -293,6 +293,7 @@ enum Outcome {
         ops: Vec<Op>,
         version: Option<i64>,
         no_retry: bool,
+        retry_after: Option<Duration>,
     },
     Error {
         error: Value,
@@ -490,6 +491,7 @@ fn interpret(
                 ops,
                 version,
                 no_retry: no_retry_flag.unwrap_or(false),
+                retry_after,
             },
             Err(e) => Outcome::Error {
                 error: user_error("CallError", format!("unparseable ops from {url}: {e}")),
@@ -587,6 +589,7 @@ async fn call(
         item.attempt,
         max_attempts,
         predecessor.as_deref(),
+        &item.id,
     );
     let url = call_url(&base_url, &run.fn_slug, &step_id)?;
     drop(memos);
@@ -625,6 +628,7 @@ async fn call(
             ops,
             version,
             no_retry,
+            retry_after,
         } => {
             if run.version == -1 {
                 apply.version = version;
@@ -641,7 +645,11 @@ async fn call(
             if real.len() > 1 {
                 apply.disable_immediate = Some(true);
             }
-            let coalesce = eff_version >= 2 && real.len() > 1;
+            // Race-mode groups advance as soon as any branch finishes.
+            let race = real
+                .iter()
+                .any(|o| o.opt_str("parallelMode") == Some("race"));
+            let coalesce = eff_version >= 2 && real.len() > 1 && !race;
             let mut completed: Vec<String> = Vec::new();
             let mut rediscover = real.is_empty();
             for op in &real {
@@ -675,7 +683,7 @@ async fn call(
                         } else {
                             apply.retry = Some((
                                 item.attempt + 1,
-                                now + backoff_ms(engine, item.attempt, None),
+                                now + backoff_ms(engine, item.attempt, retry_after),
                             ));
                         }
                     }
@@ -883,6 +891,20 @@ fn sleep_until(spec: &str, now: i64) -> Result<i64, String> {
     Ok(at)
 }
 
+/// A stable UUID-shaped id for a function slug (`ctx.fn_id`).
+pub fn function_uuid(slug: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h = hex::encode(Sha256::digest(slug.as_bytes()));
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
 /// Serialise the call request as canonical JSON (the bytes that get signed).
 fn build_body(
     run: &Run,
@@ -890,6 +912,7 @@ fn build_body(
     attempt: i64,
     max_attempts: i64,
     predecessor: Option<&str>,
+    item_id: &str,
 ) -> Vec<u8> {
     let stack: Vec<String> = memos.iter().map(|(h, _)| h.clone()).collect();
     let current = predecessor
@@ -917,9 +940,9 @@ fn build_body(
             disable_immediate_execution: run.disable_immediate,
             use_api: false,
             stack: Stack { stack, current },
-            // Omitted on purpose: without fn_id, JS v4 does not try async checkpointing (§13.1).
-            fn_id: None,
-            qi_id: None,
+            // With both set, JS v4 checkpoints steps to /v1/checkpoint/{run}/async (§13).
+            fn_id: Some(function_uuid(&run.fn_slug)),
+            qi_id: Some(item_id.to_string()),
             step_id: cairn_protocol::STEP_DISCOVERY.to_string(),
             env: String::new(),
         },

@@ -328,6 +328,8 @@ pub struct Apply {
     pub expire_pause: Option<(String, Value, NewItem)>,
     /// End the run (only if still running).
     pub finish: Option<Finish>,
+    /// Reset this queue item's attempt counter (a checkpoint proved progress).
+    pub reset_attempt: Option<String>,
 }
 
 /// Durable state behind Cairn. See the module docs.

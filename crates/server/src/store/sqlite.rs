@@ -611,6 +611,10 @@ fn apply_inner(
         for e in &a.events {
             insert_event(conn, e)?;
         }
+        if let Some(id) = &a.reset_attempt {
+            conn.prepare_cached("UPDATE queue SET attempt=0 WHERE id=?")?
+                .execute([id])?;
+        }
         if running {
             if let Some(f) = &a.finish {
                 finish_run(conn, &a.run_id, f, now)?;
