@@ -68,8 +68,11 @@ def pytest_collection_modifyitems(config, items):
     from cases.known_failures import KNOWN_FAILURES
 
     for item in items:
-        sdk = getattr(item, "callspec", None) and item.callspec.params.get("sdk")
+        callspec = getattr(item, "callspec", None)
+        sdk = callspec.params.get("sdk") if callspec else None
+        param = callspec.id if callspec else None
         name = getattr(item, "originalname", item.name)
-        reason = KNOWN_FAILURES.get((name, sdk)) or KNOWN_FAILURES.get((name, None))
+        reason = (KNOWN_FAILURES.get((name, sdk)) or KNOWN_FAILURES.get((name, param))
+                  or KNOWN_FAILURES.get((name, None)))
         if reason:
             item.add_marker(pytest.mark.xfail(reason=reason, strict=True))

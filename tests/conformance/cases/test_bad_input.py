@@ -136,12 +136,12 @@ def test_bad_apps_do_not_disturb_good_app(world):
     for eid in bad_ids:
         runs = wait_until(lambda: st.cairn.runs_for_event(eid), 20, what=f"run for {eid}")
         assert len(runs) == 1, runs
-    # The hanging call (if any) is still in flight; everything else has ended.
+    # The hanging call (if any) is still in flight; everything else has ended (how each
+    # one must end is test_bad_app_run_fails_clearly's business).
     for eid, b in zip(bad_ids, behaviours):
         if b != "hang":
-            run = st.cairn.wait_status(run_id_of(st.cairn.runs_for_event(eid)[0]),
-                                       timeout=RETRY_INTERVAL * (RETRIES + 1) + 20)
-            assert run["status"] == "Failed", (b, run)
+            st.cairn.wait_status(run_id_of(st.cairn.runs_for_event(eid)[0]),
+                                 timeout=RETRY_INTERVAL * (RETRIES + 1) + 20)
     # The server is still healthy.
     assert httpx.get(st.cairn.url + "/health", timeout=5).status_code == 200
     assert output_of(st.cairn.finish(st.send("conf/serial")))["body"] == "ok"

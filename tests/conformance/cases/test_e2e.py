@@ -318,13 +318,13 @@ def test_batch_events(sdk, make_stack):
 
 @pytest.mark.slow
 def test_big_batch_uses_api(sdk, make_stack):
-    """5 events x 1 MiB: the call body would exceed 4 MiB, so the server sends use_api and
-    the SDK fetches the batch from /v0/runs/{id}/batch."""
+    """10 events x 450 KiB (each under the 512 KiB event limit): the call body would exceed
+    4 MiB, so the server sends use_api and the SDK fetches the batch from /v0/runs/{id}/batch."""
     st = make_stack(sdk, proxy=True)
-    blob = "e" * (1024 * 1024)
-    ids = [st.send("conf/big-batch", {"blob": blob, "i": i}) for i in range(5)]
+    blob = "e" * (450 * 1024)
+    ids = [st.send("conf/big-batch", {"blob": blob, "i": i}) for i in range(10)]
     run = st.cairn.finish(ids[0], timeout=30)
-    completed(run, {"count": 5, "total": 5 * len(blob)})
+    completed(run, {"count": 10, "total": 10 * len(blob)})
     first = st.calls()[0]
     assert len(first.body) < 4 * 1024 * 1024, f"call body {len(first.body)} bytes"
     body = first.json()

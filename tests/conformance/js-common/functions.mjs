@@ -335,10 +335,11 @@ export function startApp({ inngest: mod, serve, major }) {
     }),
   );
 
-  // big-batch: 5 events of 1 MiB each: the call body exceeds 4 MiB, so use_api.
+  // big-batch: 10 events of ~450 KiB (under the 512 KiB event limit): the call body would
+  // exceed 4 MiB, so use_api.
   add(
     fn(
-      { id: "big-batch", batchEvents: { maxSize: 5, timeout: "5s" } },
+      { id: "big-batch", batchEvents: { maxSize: 10, timeout: "5s" } },
       { event: "conf/big-batch" },
       async ({ events }) => {
         bump("big-batch-run");

@@ -328,7 +328,7 @@ def batch(ctx: inngest.ContextSync) -> dict:
 
 @add(
     fn_id="big-batch",
-    batch_events=inngest.Batch(max_size=5, timeout=datetime.timedelta(seconds=5)),
+    batch_events=inngest.Batch(max_size=10, timeout=datetime.timedelta(seconds=5)),
     trigger=ev("conf/big-batch"),
 )
 def big_batch(ctx: inngest.ContextSync) -> dict:
