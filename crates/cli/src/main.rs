@@ -42,6 +42,9 @@ struct Common {
     /// Seconds a claimed queue item stays leased before another worker may retry it.
     #[arg(long, env = "CAIRN_LEASE_SECONDS", default_value_t = 30)]
     lease_seconds: u64,
+    /// Seconds to wait for an app to answer one call before counting it as a failed attempt.
+    #[arg(long, env = "CAIRN_CALL_TIMEOUT", default_value_t = 300)]
+    call_timeout: u64,
 }
 
 #[derive(Args)]
@@ -100,6 +103,7 @@ fn open_store(url: &str) -> anyhow::Result<Arc<SqliteStore>> {
 fn apply_common(cfg: &mut Config, c: &Common) {
     cfg.retry_interval = c.retry_interval.map(Duration::from_secs);
     cfg.lease = Duration::from_secs(c.lease_seconds.max(1));
+    cfg.call_timeout = Duration::from_secs(c.call_timeout.max(1));
 }
 
 async fn wait_for_signal() {
@@ -182,6 +186,7 @@ fn main() {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -482,10 +482,18 @@ fn interpret(
         };
     }
     match status {
-        200 => Outcome::Complete(
-            serde_json::from_slice(body)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned())),
-        ),
+        200 if body.iter().all(u8::is_ascii_whitespace) => Outcome::Complete(Value::Null),
+        200 => match serde_json::from_slice(body) {
+            Ok(v) => Outcome::Complete(v),
+            Err(e) => Outcome::Error {
+                error: user_error(
+                    "CallError",
+                    format!("invalid JSON in 200 response from {url}: {e}"),
+                ),
+                retry: true,
+                retry_after,
+            },
+        },
         206 => match parse_ops(body) {
             Ok(ops) => Outcome::Ops {
                 ops,
