@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use cairn_protocol::step_id::StepIdCounter;
 use cairn_protocol::{Memo, Op, Opcode, Userland};
-use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
 
@@ -202,7 +201,7 @@ impl RunState {
                 let mut op = self.op(idx, Opcode::StepRun);
                 op.data = Some(data);
                 Outcome::Ran {
-                    op,
+                    op: Box::new(op),
                     retry_after: None,
                     no_retry: false,
                 }
@@ -229,7 +228,7 @@ impl RunState {
                 }
                 op.error = Some(user_error);
                 Outcome::Ran {
-                    op,
+                    op: Box::new(op),
                     retry_after: err.retry_delay(),
                     no_retry: final_,
                 }
@@ -258,7 +257,7 @@ pub(crate) enum Outcome {
     Failed(Error),
     /// A step ran in this request: 206 with one op.
     Ran {
-        op: Op,
+        op: Box<Op>,
         retry_after: Option<Duration>,
         no_retry: bool,
     },
@@ -496,7 +495,3 @@ impl Registration {
         }
     }
 }
-
-/// A boxed handler future, as produced by an [`ErasedHandler`].
-#[allow(dead_code)]
-pub(crate) type HandlerFuture = BoxFuture<'static, Result<Value, Error>>;
