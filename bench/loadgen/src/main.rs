@@ -1,0 +1,880 @@
+//! `cairn-bench`: Cairn side by side with Restate, the soak, the founding leak, and cost
+//! growth with history. `bench/run` builds everything and calls this inside a private
+//! network namespace; see bench/README.md.
+
+mod load;
+mod plot;
+mod procs;
+mod report;
+mod systems;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use load::{drive, Percentiles};
+use procs::Snap;
+use report::{ProcResult, ScenarioResult, STEPS_PER_RUN};
+use systems::{AppKind, Paths, Stack};
+
+#[derive(Parser)]
+#[command(
+    name = "cairn-bench",
+    about = "Cairn vs Restate: throughput, latency, memory, soak, leak"
+)]
+struct Cli {
+    #[command(flatten)]
+    paths: Paths,
+    /// Seconds-long versions of every scenario (CI).
+    #[arg(long, global = true)]
+    smoke: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Throughput and latency: every scenario, each system back to back.
+    Throughput(ThroughputArgs),
+    /// Many runs through Cairn + Rust SDK, RSS sampled; fails on a rising slope.
+    Soak(SoakArgs),
+    /// Retained heap per run with a stashed context: inngest@3.52.4 vs the Rust SDK.
+    Leak(LeakArgs),
+    /// Throughput with 10 K vs 1 M stored completed runs.
+    Growth(GrowthArgs),
+    /// Everything above, in that order.
+    All {
+        #[command(flatten)]
+        throughput: ThroughputArgs,
+        #[command(flatten)]
+        soak: SoakArgs,
+        #[command(flatten)]
+        leak: LeakArgs,
+        #[command(flatten)]
+        growth: GrowthArgs,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct ThroughputArgs {
+    /// Only scenarios whose name contains this (e.g. "C=16").
+    #[arg(long)]
+    only: Option<String>,
+    /// Systems to run: cairn-rust, cairn-ts, restate.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "cairn-rust,cairn-ts,restate"
+    )]
+    systems: Vec<String>,
+    /// Override N for every scenario.
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Time budget per scenario and system, seconds (measured phase).
+    #[arg(long)]
+    budget_s: Option<u64>,
+}
+
+#[derive(clap::Args, Clone)]
+struct SoakArgs {
+    #[arg(long = "soak-runs")]
+    soak_runs: Option<usize>,
+    #[arg(long = "soak-concurrency", default_value_t = 16)]
+    soak_concurrency: usize,
+    /// Sample RSS every this many runs.
+    #[arg(long = "soak-sample-every")]
+    soak_sample_every: Option<usize>,
+    /// Runs excluded from the slope (allocator and cache warm-up); default a tenth.
+    #[arg(long = "soak-warmup")]
+    soak_warmup: Option<usize>,
+    /// Fail when the post-warm-up RSS slope of the server or the app is above this.
+    #[arg(long = "soak-max-slope", default_value_t = 64.0)]
+    soak_max_slope_bytes_per_run: f64,
+    #[arg(long = "soak-budget-s")]
+    soak_budget_s: Option<u64>,
+}
+
+#[derive(clap::Args, Clone)]
+struct LeakArgs {
+    #[arg(long = "leak-runs")]
+    leak_runs: Option<usize>,
+    /// Size of `collect-data`'s output (the founding report's steps returned large data).
+    #[arg(long = "leak-size", default_value_t = 1 << 20)]
+    leak_size: usize,
+}
+
+#[derive(clap::Args, Clone)]
+struct GrowthArgs {
+    #[arg(long = "growth-small")]
+    growth_small: Option<usize>,
+    #[arg(long = "growth-large")]
+    growth_large: Option<usize>,
+    /// Runs in each measured phase.
+    #[arg(long = "growth-measure")]
+    growth_measure: Option<usize>,
+    #[arg(long = "growth-prefill-budget-s", default_value_t = 4 * 3600)]
+    growth_prefill_budget_s: u64,
+}
+
+struct Scenario {
+    name: &'static str,
+    size: usize,
+    c: usize,
+    n_full: usize,
+    n_smoke: usize,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "C=1 1KiB",
+        size: 1024,
+        c: 1,
+        n_full: 1000,
+        n_smoke: 20,
+    },
+    Scenario {
+        name: "C=16 1KiB",
+        size: 1024,
+        c: 16,
+        n_full: 5000,
+        n_smoke: 100,
+    },
+    Scenario {
+        name: "C=64 1KiB",
+        size: 1024,
+        c: 64,
+        n_full: 5000,
+        n_smoke: 150,
+    },
+    Scenario {
+        name: "C=16 1MiB",
+        size: 1 << 20,
+        c: 16,
+        n_full: 400,
+        n_smoke: 16,
+    },
+];
+
+fn stamp() -> String {
+    chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string()
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let cli = Cli::parse();
+    let res = match &cli.cmd {
+        Cmd::Throughput(a) => throughput(&cli.paths, cli.smoke, a).await.map(|_| ()),
+        Cmd::Soak(a) => soak(&cli.paths, cli.smoke, a).await.map(|_| ()),
+        Cmd::Leak(a) => leak(&cli.paths, cli.smoke, a).await.map(|_| ()),
+        Cmd::Growth(a) => growth(&cli.paths, cli.smoke, a).await.map(|_| ()),
+        Cmd::All {
+            throughput: t,
+            soak: s,
+            leak: l,
+            growth: g,
+        } => all(&cli.paths, cli.smoke, t, s, l, g).await,
+    };
+    if let Err(e) = res {
+        eprintln!("cairn-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn all(
+    paths: &Paths,
+    smoke: bool,
+    t: &ThroughputArgs,
+    s: &SoakArgs,
+    l: &LeakArgs,
+    g: &GrowthArgs,
+) -> Result<()> {
+    // Every part runs even if an earlier one failed; the exit status reports all of them.
+    let mut failed = Vec::new();
+    let mut summary = String::new();
+    match throughput(paths, smoke, t).await {
+        Ok(md) => summary.push_str(&md),
+        Err(e) => failed.push(format!("throughput: {e:#}")),
+    }
+    match leak(paths, smoke, l).await {
+        Ok(md) => summary.push_str(&md),
+        Err(e) => failed.push(format!("leak: {e:#}")),
+    }
+    match soak(paths, smoke, s).await {
+        Ok(md) => summary.push_str(&md),
+        Err(e) => failed.push(format!("soak: {e:#}")),
+    }
+    match growth(paths, smoke, g).await {
+        Ok(md) => summary.push_str(&md),
+        Err(e) => failed.push(format!("growth: {e:#}")),
+    }
+    let path = paths.results_dir.join(format!(
+        "{}summary-{}.md",
+        if smoke { "smoke-" } else { "" },
+        stamp()
+    ));
+    std::fs::create_dir_all(&paths.results_dir)?;
+    std::fs::write(&path, format!("{}\n{summary}", machine_description()))?;
+    println!("\nsummary written to {}", path.display());
+    if !failed.is_empty() {
+        bail!("{} part(s) failed:\n{}", failed.len(), failed.join("\n"));
+    }
+    Ok(())
+}
+
+fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kib| kib as f64 / 1048576.0)
+        .unwrap_or(0.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "Machine: {cpu}, {cores} cores, {mem:.1} GiB RAM, Linux {}\n",
+        kernel.trim()
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Throughput and latency
+
+async fn start(paths: &Paths, system: &str, tag: &str, pool: usize) -> Result<Stack> {
+    match system {
+        "cairn-rust" => systems::start_cairn(paths, AppKind::Rust, tag, pool).await,
+        "cairn-ts" => systems::start_cairn(paths, AppKind::Ts4, tag, pool).await,
+        "restate" => systems::start_restate(paths, tag, pool).await,
+        other => bail!("unknown system {other:?} (cairn-rust, cairn-ts, restate)"),
+    }
+}
+
+async fn throughput(paths: &Paths, smoke: bool, a: &ThroughputArgs) -> Result<String> {
+    println!(
+        "\n## Throughput and latency{}\n",
+        if smoke { " (smoke)" } else { "" }
+    );
+    let budget = Duration::from_secs(a.budget_s.unwrap_or(if smoke { 30 } else { 240 }));
+    let mut results = Vec::new();
+    let mut failures = Vec::new();
+    for sc in SCENARIOS {
+        if a.only.as_deref().is_some_and(|o| !sc.name.contains(o)) {
+            continue;
+        }
+        let n = a.runs.unwrap_or(if smoke { sc.n_smoke } else { sc.n_full });
+        for system in &a.systems {
+            eprintln!("- {} / {system}: {n} runs at C={}", sc.name, sc.c);
+            match one_scenario(paths, system, sc, n, budget).await {
+                Ok(r) => {
+                    eprintln!(
+                        "    {:.1} runs/s, p50 {:.1} ms, p99 {:.1} ms, server peak {:.0} MiB, errors {}",
+                        r.runs_per_s,
+                        r.latency_ms.p50,
+                        r.latency_ms.p99,
+                        r.server().map(|p| p.peak_rss_mib).unwrap_or(0.0),
+                        r.errors
+                    );
+                    if r.errors > 0 || r.runs_ok == 0 {
+                        failures.push(format!(
+                            "{} / {system}: {} errors, first: {:?}",
+                            sc.name, r.errors, r.first_error
+                        ));
+                    }
+                    results.push(r);
+                }
+                Err(e) => {
+                    eprintln!("    FAILED: {e:#}");
+                    failures.push(format!("{} / {system}: {e:#}", sc.name));
+                }
+            }
+        }
+    }
+    let table = report::table(&results);
+    let (ratios, ratio_json) = report::ratios(&results);
+    let durability: Vec<Value> = {
+        let mut seen = std::collections::BTreeMap::new();
+        for r in &results {
+            seen.entry(r.system.clone())
+                .or_insert_with(|| r.durability.clone());
+        }
+        seen.into_iter()
+            .map(|(k, v)| json!({ "system": k, "durability": v }))
+            .collect()
+    };
+    let mut md = String::from("## Throughput and latency\n\n");
+    md.push_str(&table);
+    md.push_str("\nLatency: event accepted → run completed. Each system and scenario on freshly started processes; peak RSS is VmHWM.\n\n");
+    md.push_str(&ratios);
+    md.push_str("\nDurability:\n");
+    for d in &durability {
+        md.push_str(&format!(
+            "- {}: {}\n",
+            d["system"].as_str().unwrap_or(""),
+            d["durability"].as_str().unwrap_or("")
+        ));
+    }
+    println!("{md}");
+    let path = report::write_json(
+        &paths.results_dir,
+        &format!(
+            "{}throughput-{}.json",
+            if smoke { "smoke-" } else { "" },
+            stamp()
+        ),
+        &json!({ "machine": machine_description().trim(), "smoke": smoke, "results": results, "ratios": ratio_json, "durability": durability }),
+    )?;
+    println!("results: {}", path.display());
+    if !failures.is_empty() {
+        bail!(
+            "{} scenario(s) failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+    Ok(md)
+}
+
+fn proc_results(
+    stack: &Stack,
+    before: &[Option<Snap>],
+    after: &[Option<Snap>],
+    runs: usize,
+) -> Vec<ProcResult> {
+    stack
+        .procs()
+        .iter()
+        .zip(before.iter().zip(after))
+        .map(|(p, (b, a))| {
+            let cpu = match (b, a) {
+                (Some(b), Some(a)) => a.cpu_s - b.cpu_s,
+                _ => f64::NAN,
+            };
+            ProcResult {
+                role: p.role.to_string(),
+                name: p.name.clone(),
+                cpu_s: cpu,
+                cpu_s_per_1000_runs: if runs > 0 {
+                    cpu / runs as f64 * 1000.0
+                } else {
+                    f64::NAN
+                },
+                peak_rss_mib: a.map(|a| mib(a.hwm_kib)).unwrap_or(f64::NAN),
+                rss_end_mib: a.map(|a| mib(a.rss_kib)).unwrap_or(f64::NAN),
+            }
+        })
+        .collect()
+}
+
+async fn one_scenario(
+    paths: &Paths,
+    system: &str,
+    sc: &Scenario,
+    n: usize,
+    budget: Duration,
+) -> Result<ScenarioResult> {
+    let tag = format!("{}-{}", system, sc.name.replace([' ', '='], "_"));
+    let mut stack = start(paths, system, &tag, sc.c).await?;
+    let res = measure(&mut stack, sc.name, sc.size, sc.c, n, budget).await;
+    stack.stop();
+    res
+}
+
+/// Warm-up, then the measured phase, with CPU and memory read around it.
+async fn measure(
+    stack: &mut Stack,
+    name: &str,
+    size: usize,
+    c: usize,
+    n: usize,
+    budget: Duration,
+) -> Result<ScenarioResult> {
+    let warm_n = (n / 10).clamp(c.min(n), 200);
+    let warm = drive(
+        &stack.http,
+        &stack.driver,
+        size,
+        warm_n,
+        c,
+        budget / 2,
+        None,
+    )
+    .await;
+    stack.check_alive()?;
+    if warm.samples.is_empty() {
+        bail!(
+            "no warm-up run completed ({} errors; first: {:?})",
+            warm.errors,
+            warm.first_error
+        );
+    }
+    let before: Vec<Option<Snap>> = stack.procs().iter().map(|p| p.snap()).collect();
+    let self_before = Snap::of_self();
+    let out = drive(&stack.http, &stack.driver, size, n, c, budget, None).await;
+    let after: Vec<Option<Snap>> = stack.procs().iter().map(|p| p.snap()).collect();
+    let self_after = Snap::of_self();
+    stack.check_alive()?;
+    let ok = out.samples.len();
+    let wall = out.wall.as_secs_f64();
+    Ok(ScenarioResult {
+        scenario: name.to_string(),
+        system: stack.system.clone(),
+        durability: stack.durability.clone(),
+        size_bytes: size,
+        concurrency: c,
+        runs_requested: n,
+        runs_ok: ok,
+        errors: out.errors,
+        first_error: out.first_error.clone(),
+        stopped_by_time_budget: out.timed_out,
+        wall_s: wall,
+        runs_per_s: ok as f64 / wall,
+        steps_per_s: ok as f64 * STEPS_PER_RUN / wall,
+        latency_ms: Percentiles::of(out.samples.iter().map(|s| s.latency_ms).collect()),
+        observed_latency_ms: Percentiles::of(out.samples.iter().map(|s| s.observed_ms).collect()),
+        polls_per_run: out.samples.iter().map(|s| s.polls as f64).sum::<f64>() / ok.max(1) as f64,
+        processes: proc_results(stack, &before, &after, ok),
+        loadgen_cpu_s: match (self_before, self_after) {
+            (Some(b), Some(a)) => a.cpu_s - b.cpu_s,
+            _ => f64::NAN,
+        },
+        data_bytes_end: stack.data_bytes(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Soak
+
+#[derive(Serialize, Clone, Copy)]
+struct SoakPoint {
+    runs: usize,
+    elapsed_s: f64,
+    server_rss_mib: f64,
+    app_rss_mib: f64,
+    db_mib: f64,
+}
+
+/// Least-squares slope of y (MiB) over x (runs), in bytes per run.
+fn slope_bytes_per_run(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    if sxx == 0.0 {
+        0.0
+    } else {
+        sxy / sxx * 1048576.0
+    }
+}
+
+async fn soak(paths: &Paths, smoke: bool, a: &SoakArgs) -> Result<String> {
+    let runs = a.soak_runs.unwrap_or(if smoke { 2_000 } else { 100_000 });
+    let every = a
+        .soak_sample_every
+        .unwrap_or(if smoke { 200 } else { 1_000 })
+        .max(1);
+    let warmup = a.soak_warmup.unwrap_or(runs / 10);
+    let budget = Duration::from_secs(a.soak_budget_s.unwrap_or(if smoke { 60 } else { 3 * 3600 }));
+    let c = a.soak_concurrency;
+    println!(
+        "\n## Soak: {runs} runs at C={c}, RSS every {every} runs{}\n",
+        if smoke { " (smoke)" } else { "" }
+    );
+    let mut stack = systems::start_cairn(paths, AppKind::Rust, "soak", c).await?;
+    let progress = Arc::new(AtomicUsize::new(0));
+    let (http, driver) = (stack.http.clone(), stack.driver.clone());
+    let p2 = progress.clone();
+    let run =
+        tokio::spawn(async move { drive(&http, &driver, 1024, runs, c, budget, Some(p2)).await });
+    let start = Instant::now();
+    let mut points = Vec::new();
+    let sample = |done: usize, stack: &Stack| -> SoakPoint {
+        SoakPoint {
+            runs: done,
+            elapsed_s: start.elapsed().as_secs_f64(),
+            server_rss_mib: stack
+                .server
+                .snap()
+                .map(|s| mib(s.rss_kib))
+                .unwrap_or(f64::NAN),
+            app_rss_mib: stack.app.snap().map(|s| mib(s.rss_kib)).unwrap_or(f64::NAN),
+            db_mib: stack.data_bytes() as f64 / 1048576.0,
+        }
+    };
+    points.push(sample(0, &stack));
+    let mut next_mark = every;
+    let mut last_print = Instant::now();
+    while !run.is_finished() {
+        let done = progress.load(Ordering::Relaxed);
+        if done >= next_mark {
+            points.push(sample(done, &stack));
+            next_mark = (done / every + 1) * every;
+            if last_print.elapsed() > Duration::from_secs(20) {
+                let p = points.last().unwrap();
+                eprintln!(
+                    "    {} runs, server {:.1} MiB, app {:.1} MiB, db {:.1} MiB",
+                    p.runs, p.server_rss_mib, p.app_rss_mib, p.db_mib
+                );
+                last_print = Instant::now();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = run.await.context("soak driver")?;
+    let done = progress.load(Ordering::Relaxed);
+    if points.last().map(|p| p.runs) != Some(done) {
+        points.push(sample(done, &stack));
+    }
+    stack.check_alive()?;
+    let server_hwm = stack
+        .server
+        .snap()
+        .map(|s| mib(s.hwm_kib))
+        .unwrap_or(f64::NAN);
+    let app_hwm = stack.app.snap().map(|s| mib(s.hwm_kib)).unwrap_or(f64::NAN);
+    let db_bytes = stack.data_bytes();
+    stack.stop();
+
+    let after: Vec<&SoakPoint> = points.iter().filter(|p| p.runs >= warmup).collect();
+    let server_slope = slope_bytes_per_run(
+        &after
+            .iter()
+            .map(|p| (p.runs as f64, p.server_rss_mib))
+            .collect::<Vec<_>>(),
+    );
+    let app_slope = slope_bytes_per_run(
+        &after
+            .iter()
+            .map(|p| (p.runs as f64, p.app_rss_mib))
+            .collect::<Vec<_>>(),
+    );
+    let db_per_run = db_bytes as f64 / done.max(1) as f64;
+    let lat = Percentiles::of(out.samples.iter().map(|s| s.latency_ms).collect());
+    let rate = out.samples.len() as f64 / out.wall.as_secs_f64();
+    let limit = a.soak_max_slope_bytes_per_run;
+    // The slope is only meaningful over enough samples; the smoke run reports it but does
+    // not gate on it.
+    let gated = !smoke && after.len() >= 10;
+    let pass_server = server_slope <= limit;
+    let pass_app = app_slope <= limit;
+
+    let stem = format!("{}soak-{}", if smoke { "smoke-" } else { "" }, stamp());
+    let png = paths.results_dir.join(format!("{stem}.png"));
+    std::fs::create_dir_all(&paths.results_dir)?;
+    let series: Vec<(f64, f64, f64)> = points
+        .iter()
+        .map(|p| (p.runs as f64, p.server_rss_mib, p.app_rss_mib))
+        .collect();
+    let plot_note = match plot::soak_png(
+        &png,
+        &series,
+        warmup as f64,
+        &format!("Cairn soak: {done} runs at C={c}, 1 KiB"),
+    ) {
+        Ok(()) => png.display().to_string(),
+        Err(e) => format!("plot failed: {e:#}"),
+    };
+    let verdict = if !gated {
+        "not gated (smoke or too few samples)".to_string()
+    } else if pass_server && pass_app {
+        format!("PASS (both ≤ {limit} B/run)")
+    } else {
+        format!("FAIL (limit {limit} B/run)")
+    };
+    let md = format!(
+        "## Soak\n\n{done} runs of the founding function (1 KiB) through Cairn + Rust SDK at C={c} in {:.0} s ({rate:.0} runs/s, p50 {:.1} ms, p99 {:.1} ms, {} errors).\n\n\
+         | process | RSS after warm-up ({warmup} runs) MiB | RSS at end MiB | peak RSS MiB | slope after warm-up B/run |\n|---|---:|---:|---:|---:|\n\
+         | cairn server | {:.1} | {:.1} | {:.1} | {:.1} |\n| Rust SDK app | {:.1} | {:.1} | {:.1} | {:.1} |\n\n\
+         Slope verdict: {verdict}. Database at the end: {:.1} MiB ({:.0} bytes per run); nothing in Cairn prunes completed runs yet, so it grows linearly with history.\n\nPlot: {plot_note}\n",
+        out.wall.as_secs_f64(),
+        lat.p50,
+        lat.p99,
+        out.errors,
+        after.first().map(|p| p.server_rss_mib).unwrap_or(f64::NAN),
+        points.last().map(|p| p.server_rss_mib).unwrap_or(f64::NAN),
+        server_hwm,
+        server_slope,
+        after.first().map(|p| p.app_rss_mib).unwrap_or(f64::NAN),
+        points.last().map(|p| p.app_rss_mib).unwrap_or(f64::NAN),
+        app_hwm,
+        app_slope,
+        db_bytes as f64 / 1048576.0,
+        db_per_run,
+    );
+    println!("{md}");
+    report::write_json(
+        &paths.results_dir,
+        &format!("{stem}.json"),
+        &json!({
+            "machine": machine_description().trim(), "smoke": smoke, "runs": done, "concurrency": c,
+            "sample_every": every, "warmup_runs": warmup, "max_slope_bytes_per_run": limit,
+            "server_slope_bytes_per_run": server_slope, "app_slope_bytes_per_run": app_slope,
+            "server_peak_rss_mib": server_hwm, "app_peak_rss_mib": app_hwm,
+            "db_bytes_end": db_bytes, "db_bytes_per_run": db_per_run, "errors": out.errors,
+            "first_error": out.first_error, "runs_per_s": rate, "latency_ms": lat, "verdict": verdict,
+            "points": points,
+        }),
+    )?;
+    if out.errors > 0 || done == 0 {
+        bail!(
+            "soak: {} errors, {done} runs done; first: {:?}",
+            out.errors,
+            out.first_error
+        );
+    }
+    if gated && !(pass_server && pass_app) {
+        bail!("soak: RSS slope after warm-up above {limit} B/run (server {server_slope:.1}, app {app_slope:.1})");
+    }
+    Ok(md)
+}
+
+// ---------------------------------------------------------------------------------------
+// The founding leak
+
+#[derive(Serialize)]
+struct LeakResult {
+    system: String,
+    runs: usize,
+    size_bytes: usize,
+    baseline_bytes: f64,
+    end_bytes: f64,
+    retained_bytes_per_run: f64,
+    app_rss_start_mib: f64,
+    app_rss_end_mib: f64,
+    series: Vec<(usize, f64)>,
+    measure: &'static str,
+}
+
+async fn heap(http: &reqwest::Client, port: u16) -> Result<f64> {
+    let v: Value = http
+        .get(format!("http://127.0.0.1:{port}/heap"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    v["live_bytes"]
+        .as_f64()
+        .context("no live_bytes in /heap answer")
+}
+
+async fn leak(paths: &Paths, smoke: bool, a: &LeakArgs) -> Result<String> {
+    let runs = a.leak_runs.unwrap_or(if smoke { 50 } else { 1_000 });
+    let size = a.leak_size;
+    let every = (runs / 10).max(1);
+    println!(
+        "\n## The founding leak: {runs} runs, collect-data {size} bytes{}\n",
+        if smoke { " (smoke)" } else { "" }
+    );
+    let mut results = Vec::new();
+    let kinds = [
+        AppKind::LeakJs3,
+        AppKind::LeakRust { whole_ctx: false },
+        AppKind::LeakRust { whole_ctx: true },
+    ];
+    for kind in kinds {
+        eprintln!("- {}", kind.label());
+        let mut stack =
+            systems::start_cairn(paths, kind, &format!("leak-{}", kind.app_id()), 4).await?;
+        let budget = Duration::from_secs(if smoke { 60 } else { 1800 });
+        // Warm-up: lazily loaded code, JIT, pools.
+        let w = drive(&stack.http, &stack.driver, size, 10, 2, budget, None).await;
+        if w.samples.is_empty() {
+            bail!("{}: warm-up failed: {:?}", kind.label(), w.first_error);
+        }
+        let base = heap(&stack.http, stack.app_port).await?;
+        let rss0 = stack.app.snap().map(|s| mib(s.rss_kib)).unwrap_or(f64::NAN);
+        let mut series = vec![(0usize, base)];
+        let mut done = 0;
+        while done < runs {
+            let k = every.min(runs - done);
+            let o = drive(&stack.http, &stack.driver, size, k, 4, budget, None).await;
+            if o.errors > 0 {
+                bail!("{}: {} errors: {:?}", kind.label(), o.errors, o.first_error);
+            }
+            done += o.samples.len();
+            series.push((done, heap(&stack.http, stack.app_port).await?));
+            stack.check_alive()?;
+        }
+        let end = series.last().unwrap().1;
+        let rss1 = stack.app.snap().map(|s| mib(s.rss_kib)).unwrap_or(f64::NAN);
+        stack.stop();
+        let r = LeakResult {
+            system: kind.label().to_string(),
+            runs: done,
+            size_bytes: size,
+            baseline_bytes: base,
+            end_bytes: end,
+            retained_bytes_per_run: (end - base) / done.max(1) as f64,
+            app_rss_start_mib: rss0,
+            app_rss_end_mib: rss1,
+            series,
+            measure: if kind == AppKind::LeakJs3 {
+                "V8 heapUsed after two forced GCs (node --expose-gc)"
+            } else {
+                "live bytes under a counting global allocator"
+            },
+        };
+        eprintln!("    retained {:.0} bytes/run", r.retained_bytes_per_run);
+        results.push(r);
+    }
+    let mut md = format!(
+        "## The founding leak, compared\n\nEach app keeps every `ctx` it is handed in a global list (the inngest-js#1440 pattern); {runs} runs of the founding function driven by Cairn, `collect-data` = {} KiB.\n\n| app | measure | heap before MiB | heap after MiB | retained per run | app RSS before → after MiB |\n|---|---|---:|---:|---:|---:|\n",
+        size / 1024
+    );
+    for r in &results {
+        let per = r.retained_bytes_per_run;
+        let per_s = if per.abs() >= 1048576.0 {
+            format!("{:.2} MiB", per / 1048576.0)
+        } else if per.abs() >= 1024.0 {
+            format!("{:.1} KiB", per / 1024.0)
+        } else {
+            format!("{per:.0} B")
+        };
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {} | {:.0} → {:.0} |\n",
+            r.system,
+            r.measure,
+            r.baseline_bytes / 1048576.0,
+            r.end_bytes / 1048576.0,
+            per_s,
+            r.app_rss_start_mib,
+            r.app_rss_end_mib
+        ));
+    }
+    let rust_step = results
+        .iter()
+        .find(|r| r.system.contains("step handle"))
+        .map(|r| r.retained_bytes_per_run)
+        .unwrap_or(f64::NAN);
+    md.push_str(&format!(
+        "\nGoal: Rust SDK retained heap per run with the leaked-handle pattern ≤ 1 KiB: {:.0} B → {}.\n",
+        rust_step,
+        if rust_step <= 1024.0 { "meets goal" } else { "MISSES goal" }
+    ));
+    println!("{md}");
+    report::write_json(
+        &paths.results_dir,
+        &format!("{}leak-{}.json", if smoke { "smoke-" } else { "" }, stamp()),
+        &json!({ "machine": machine_description().trim(), "smoke": smoke, "results": results }),
+    )?;
+    Ok(md)
+}
+
+// ---------------------------------------------------------------------------------------
+// Server cost growth
+
+async fn growth(paths: &Paths, smoke: bool, a: &GrowthArgs) -> Result<String> {
+    let small = a.growth_small.unwrap_or(if smoke { 500 } else { 10_000 });
+    let large = a
+        .growth_large
+        .unwrap_or(if smoke { 3_000 } else { 1_000_000 });
+    let measure_n = a.growth_measure.unwrap_or(if smoke { 100 } else { 3_000 });
+    let c = 16;
+    println!(
+        "\n## Server cost growth: C={c} 1 KiB at {small} vs {large} stored runs{}\n",
+        if smoke { " (smoke)" } else { "" }
+    );
+    let mut stack = systems::start_cairn(paths, AppKind::Rust, "growth", 64).await?;
+    let base = match &stack.driver {
+        systems::Driver::Cairn { base } => base.clone(),
+        _ => unreachable!(),
+    };
+    let budget = Duration::from_secs(a.growth_prefill_budget_s);
+    let prefill_to = |target: usize, have: usize| target.saturating_sub(have);
+    let t0 = Instant::now();
+    let mut stored = prefill_lanes(&stack.http, &base, prefill_to(small, 0), budget).await?;
+    let fill_rate_small = stored as f64 / t0.elapsed().as_secs_f64();
+    let m1 = measure(
+        &mut stack,
+        &format!("{small} stored"),
+        1024,
+        c,
+        measure_n,
+        Duration::from_secs(600),
+    )
+    .await?;
+    stored += m1.runs_ok + measure_n / 10;
+    let t1 = Instant::now();
+    let added = prefill_lanes(&stack.http, &base, prefill_to(large, stored), budget).await?;
+    let fill_rate_large = added as f64 / t1.elapsed().as_secs_f64().max(1e-9);
+    stored += added;
+    let m2 = measure(
+        &mut stack,
+        &format!("{large} stored"),
+        1024,
+        c,
+        measure_n,
+        Duration::from_secs(600),
+    )
+    .await?;
+    let db_bytes = stack.data_bytes();
+    stack.stop();
+    let ratio = m2.runs_per_s / m1.runs_per_s;
+    let md = format!(
+        "## Server cost growth\n\nCairn + Rust SDK, C={c}, 1 KiB, {measure_n} measured runs at each point. Pre-fill through the normal event path (batches of 100 events, 4 lanes): {fill_rate_small:.0} runs/s to {small}, {fill_rate_large:.0} runs/s onward.\n\n{}\nThroughput at {large} vs {small} stored runs: {ratio:.2}×; p50 {:.1} → {:.1} ms. Database at the end: {:.0} MiB for ~{stored} runs.\n",
+        report::table(&[m1.clone(), m2.clone()]),
+        m1.latency_ms.p50,
+        m2.latency_ms.p50,
+        db_bytes as f64 / 1048576.0
+    );
+    println!("{md}");
+    report::write_json(
+        &paths.results_dir,
+        &format!(
+            "{}growth-{}.json",
+            if smoke { "smoke-" } else { "" },
+            stamp()
+        ),
+        &json!({ "machine": machine_description().trim(), "smoke": smoke, "small": small, "large": large,
+                 "at_small": m1, "at_large": m2, "throughput_ratio": ratio, "db_bytes_end": db_bytes,
+                 "prefill_runs_per_s": [fill_rate_small, fill_rate_large] }),
+    )?;
+    Ok(md)
+}
+
+async fn prefill_lanes(
+    http: &reqwest::Client,
+    base: &str,
+    n: usize,
+    budget: Duration,
+) -> Result<usize> {
+    const LANES: usize = 4;
+    let mut tasks = Vec::new();
+    for i in 0..LANES {
+        let k = n / LANES + usize::from(i < n % LANES);
+        let (http, base) = (http.clone(), base.to_string());
+        tasks.push(tokio::spawn(async move {
+            load::prefill(&http, &base, 1024, k, 100, budget).await
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total)
+}
