@@ -361,9 +361,27 @@ fn drive(
         if st
             .slots
             .iter()
-            .any(|s| matches!(s.state, SlotState::Execute | SlotState::Executing))
+            .any(|s| matches!(s.state, SlotState::Executing))
         {
             // A step is running and awaits I/O; its waker brings us back.
+            return Poll::Pending;
+        }
+        if let Some(slot) = st
+            .slots
+            .iter()
+            .find(|s| matches!(s.state, SlotState::Execute))
+        {
+            // Told to run, but the handler has not polled it (it awaits something else
+            // first). Its closure lives in its future, so only a poll can start it: wait a
+            // while for one, then give up rather than hold the request forever.
+            let timer = not_found_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(exec.step_not_found_after)));
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Outcome::Failed(Error::msg(format!(
+                    "step {:?} was due to run but the function never awaited it",
+                    slot.user_id
+                ))));
+            }
             return Poll::Pending;
         }
 

@@ -590,3 +590,57 @@ async fn targeted_call_for_a_step_that_never_appears_answers_step_not_found() {
     assert_eq!(ans.body["foundSteps"][0]["name"], "collect-data");
     assert_eq!(ans.header("x-inngest-no-retry"), Some("false"));
 }
+
+#[tokio::test]
+async fn a_targeted_step_the_handler_never_awaits_fails_instead_of_hanging() {
+    let c = client();
+    let f = c
+        .function("unawaited")
+        .event("demo/u")
+        .handler(|ctx: Ctx<Value>| async move {
+            let step = ctx.step();
+            let a = step.run("a", || async { Ok(1u32) });
+            // Awaits a server-side step first; `a` is created but not polled yet.
+            step.sleep("s", Duration::from_secs(5)).await?;
+            Ok(json!(a.await?))
+        });
+    let opts = cairn_sdk::ServeOptions {
+        step_not_found_timeout: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let url = serve_sdk(cairn_sdk::serve_with(c.clone(), [f], opts)).await;
+    // Discovery reports both: the unpolled run step is planned, not executed blindly.
+    let ans = call(
+        &url,
+        "app-unawaited",
+        "step",
+        &CallBuilder::new(json!({})).build(),
+        None,
+    )
+    .await;
+    let ops: Vec<&str> = ans
+        .ops()
+        .iter()
+        .map(|o| o["op"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["StepPlanned", "Sleep"]);
+    let started = std::time::Instant::now();
+    let ans = call(
+        &url,
+        "app-unawaited",
+        &hash("a"),
+        &CallBuilder::new(json!({})).build(),
+        None,
+    )
+    .await;
+    assert_eq!(ans.status, 500);
+    assert!(ans.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("never awaited"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Once the sleep is memoised the handler reaches `a` and it runs.
+    let b = CallBuilder::new(json!({})).memo("s", Value::Null);
+    let ans = call(&url, "app-unawaited", &hash("a"), &b.build(), None).await;
+    assert_eq!(ans.ops()[0]["op"], "StepRun");
+}
