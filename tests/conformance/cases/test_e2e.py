@@ -81,7 +81,7 @@ def test_serial_steps(sdk, make_stack):
 
 
 def test_serial_steps_wire_through_proxy(sdk, make_stack):
-    """The exact calls: stepId, ctx.stack, memo shapes, JCS signature-free dev calls."""
+    """The exact calls: stepId, ctx.stack, memo shapes, event shape in the body."""
     st = make_stack(sdk, proxy=True)
     run = st.run_to_end("conf/serial")
     completed(run)
@@ -95,16 +95,18 @@ def test_serial_steps_wire_through_proxy(sdk, make_stack):
     assert first["events"] == [first["event"]] and first["event"]["user"] == {}
     assert isinstance(first["event"]["ts"], int) and isinstance(first["event"]["id"], str)
     assert first["use_api"] is False and first["ctx"]["use_api"] is False
+    if sdk == "js4":
+        # Checkpointed (see test_js4_checkpointing): both steps ran in this one request.
+        assert len(calls) == 1, f"{len(calls)} calls"
+        assert calls[0].status == 206 and calls[0].resp_json()[-1]["op"] == "RunComplete"
+        return
+    assert len(calls) == 3, f"{len(calls)} calls"
+    assert [c.status for c in calls] == [206, 206, 200]
     last = bodies[-1]
     assert last["steps"][H("first step")] == {"data": "first step"}
     assert last["steps"][H("second step")] == {"data": {"first": "first step", "second": True}}
     assert last["ctx"]["stack"]["stack"] == [H("first step"), H("second step")]
     assert last["ctx"]["stack"]["current"] == 2
-    if sdk == "js4" and len(calls) == 1:
-        pass  # checkpointed: both steps in one request (see test_js4_checkpointing)
-    else:
-        assert len(calls) == 3, f"{len(calls)} calls"
-    assert calls[-1].status == 200 or (sdk == "js4" and calls[-1].status == 206)
 
 
 def test_parallel_steps(sdk, make_stack):
@@ -396,3 +398,54 @@ def test_js4_checkpointing(sdk, make_stack):
     assert len(calls) == 1, f"{len(calls)} calls; checkpointing should need one"
     [op] = calls[0].resp_json()
     assert op["op"] == "RunComplete"
+
+
+@pytest.mark.slow
+def test_long_steps(sdk, make_stack):
+    """Four 4 s step bodies. inngest@4 exceeds its 10 s checkpointing maxRuntime and answers
+    206 [DiscoveryRequest]; the server must call again with stepId=step and finish the run."""
+    st = make_stack(sdk, proxy=True)
+    run = st.run_to_end("conf/long-steps", timeout=60)
+    completed(run, ["slow-1", "slow-2", "slow-3", "slow-4"])
+    rid = run_id_of(run)
+    for s in ("slow-1", "slow-2", "slow-3", "slow-4"):
+        assert st.app.count(s, rid) == 1, s
+    if sdk == "js4":
+        ops = [op for c in st.calls() if c.status == 206 for op in (c.resp_json() or [])]
+        assert any(op.get("op") == "DiscoveryRequest" for op in ops), \
+            f"no DiscoveryRequest seen; ops: {[o.get('op') for o in ops]}"
+
+
+@only_sdks("js4")
+def test_js4_checkpointing_off_fallback(sdk, make_stack):
+    """A v4 function with `checkpointing: false` uses the classic protocol even though the
+    server offers checkpointing: one step per request, final 200."""
+    st = make_stack(sdk, proxy=True)
+    run = st.run_to_end("conf/no-checkpoint")
+    completed(run, ["first step", "second step"])
+    calls = st.calls()
+    assert [c.status for c in calls] == [206, 206, 200], [c.status for c in calls]
+    assert [op["op"] for c in calls[:2] for op in c.resp_json()] == ["StepRun", "StepRun"]
+
+
+def test_sync_in_band(sdk, procs, tmp_path):
+    """`cairn dev -u <url>` asks for an in-band sync (PUT with X-Inngest-Sync-Kind: in_band),
+    and takes the config from the PUT's reply. Python refuses in-band sync unsigned (dev
+    mode), so the server must fall back to out-of-band and still end up synced."""
+    from harness.fake import RecordingProxy
+    from harness.stack import _Stoppable
+
+    port = free_port()
+    app = App(sdk, tmp_path, dev_env(f"http://127.0.0.1:{port}"))
+    procs.append(app)
+    proxy = RecordingProxy(app.origin)
+    procs.append(_Stoppable(proxy))
+    cairn = Cairn(tmp_path, sync_urls=[f"{proxy.url}/api/inngest"], port=port)
+    procs.append(cairn)
+    wait_until(lambda: [e for e in proxy.exchanges if e.method == "PUT"], 20, what="the sync PUT")
+    puts = [e for e in proxy.exchanges if e.method == "PUT"]
+    assert puts[0].headers.get("x-inngest-sync-kind") == "in_band", \
+        f"server's sync PUT did not ask for in-band: {puts[0].headers}"
+    if sdk != "py":
+        assert puts[0].status == 200 and puts[0].resp_headers.get("x-inngest-sync-kind") == "in_band"
+    completed(cairn.finish(cairn.send_one("conf/serial")))

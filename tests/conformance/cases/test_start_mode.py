@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import uuid
 
 import httpx
 import pytest
@@ -79,3 +80,30 @@ def test_wrong_signing_key_fails_run_clearly(sdk, procs, tmp_path):
     assert any(w in text for w in ("401", "unauthorized", "signature")), f"unclear reason: {text[:800]}"
     assert app.count("auth-probe") == 0
     assert run_id_of(run)
+
+
+def test_start_mode_core_functions(sdk, make_stack):
+    """Several step kinds at once under signatures and bearer auth: parallel plans, sleep,
+    invoke (function.finished correlation), sendEvent through the keyed event API, a
+    waitForEvent timeout, and use_api fetches with the hashed signing key."""
+    st = make_stack(sdk, mode="start")
+    tag = uuid.uuid4().hex[:8]
+    events = {
+        "parallel": st.send("conf/parallel"),
+        "sleep": st.send("conf/sleep"),
+        "invoke": st.send("conf/invoke"),
+        "send": st.send("conf/send-event", {"tag": tag}),
+        "wait": st.send("conf/wait-timeout"),
+        "big": st.send("conf/big-steps"),
+    }
+    runs = {k: st.cairn.finish(eid, timeout=60) for k, eid in events.items()}
+    for k, run in runs.items():
+        assert run["status"] == "Completed", (k, run)
+    assert output_of(runs["parallel"]) == {"a": "a", "b": "b", "c": "c", "d": "d"}
+    assert output_of(runs["sleep"])["slept_ms"] >= 1900
+    assert output_of(runs["invoke"]) == {"child": {"doubled": 42}}
+    assert output_of(runs["wait"]) == {"matched": False}
+    assert output_of(runs["big"]) == {"lens": [1024 * 1024] * 5}
+    [sent_id] = output_of(runs["send"])["ids"]
+    child = st.cairn.finish(sent_id)
+    assert child["status"] == "Completed" and output_of(child) == {"tag": tag}

@@ -349,8 +349,10 @@ export function startApp({ inngest: mod, serve, major }) {
   );
 
   // big-steps: five 1 MiB step outputs; later calls exceed 4 MiB of state, so use_api.
+  // Checkpointing off: inngest@4 would otherwise run all five in one request, never
+  // needing use_api (test_founding_function covers 1 MiB checkpoints).
   add(
-    fn({ id: "big-steps" }, { event: "conf/big-steps" }, async ({ step, runId }) => {
+    fn({ id: "big-steps", checkpointing: false }, { event: "conf/big-steps" }, async ({ step, runId }) => {
       const lens = [];
       for (let i = 0; i < 5; i++) {
         const s = await step.run(`big-${i}`, () => {
@@ -395,6 +397,40 @@ export function startApp({ inngest: mod, serve, major }) {
         return { done: true };
       });
       return { len: digest.length, done: fin.done };
+    }),
+  );
+
+  // long-steps: four steps of 4 s each; inngest@4's default checkpointing maxRuntime (10 s)
+  // runs out during the third, so v4 hands control back with a DiscoveryRequest mid-run.
+  add(
+    fn({ id: "long-steps" }, { event: "conf/long-steps" }, async ({ step, runId }) => {
+      const out = [];
+      for (const id of ["slow-1", "slow-2", "slow-3", "slow-4"]) {
+        out.push(
+          await step.run(id, async () => {
+            bump(id, runId);
+            await sleepMs(4000);
+            return id;
+          }),
+        );
+      }
+      return out;
+    }),
+  );
+
+  // no-checkpoint: like serial, with checkpointing switched off for the function (the
+  // classic one-step-per-request protocol even when the server offers checkpointing).
+  add(
+    fn({ id: "no-checkpoint", checkpointing: false }, { event: "conf/no-checkpoint" }, async ({ step, runId }) => {
+      const a = await step.run("first step", () => {
+        bump("first step", runId);
+        return "first step";
+      });
+      const b = await step.run("second step", () => {
+        bump("second step", runId);
+        return "second step";
+      });
+      return [a, b];
     }),
   );
 

@@ -361,6 +361,27 @@ def founding(ctx: inngest.ContextSync) -> dict:
     return {"len": len(digest), "done": fin["done"]}
 
 
+@add(fn_id="long-steps", trigger=ev("conf/long-steps"))
+def long_steps(ctx: inngest.ContextSync) -> list:
+    def slow(step_id: str):
+        def body() -> str:
+            bump(step_id, ctx.run_id)
+            time.sleep(4)
+            return step_id
+
+        return body
+
+    return [ctx.step.run(i, slow(i)) for i in ("slow-1", "slow-2", "slow-3", "slow-4")]
+
+
+@add(fn_id="no-checkpoint", trigger=ev("conf/no-checkpoint"))
+def no_checkpoint(ctx: inngest.ContextSync) -> list:
+    # Python has no checkpointing; same function as the JS apps for symmetry.
+    a = ctx.step.run("first step", _counted("first step", ctx.run_id))
+    b = ctx.step.run("second step", _counted("second step", ctx.run_id))
+    return [a, b]
+
+
 @add(fn_id="auth-probe", retries=0, trigger=ev("conf/auth-probe"))
 def auth_probe(ctx: inngest.ContextSync) -> str:
     bump("auth-probe")
