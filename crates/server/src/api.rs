@@ -235,7 +235,7 @@ async fn register(State(engine): S, hdrs: HeaderMap, body: Bytes) -> Response {
             );
         }
     }
-    let mut raw: Value = match serde_json::from_slice(&body) {
+    let raw: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => return err(StatusCode::BAD_REQUEST, format!("invalid sync body: {e}")),
     };
@@ -243,23 +243,39 @@ async fn register(State(engine): S, hdrs: HeaderMap, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return err(StatusCode::BAD_REQUEST, format!("invalid sync body: {e}")),
     };
+    match apply_sync(&engine, req, raw).await {
+        Ok((app, modified)) => Json(json!({
+            "ok": true, "modified": modified, "app_id": app,
+            "sync_id": ulid::Ulid::new().to_string(), "status": 200,
+        }))
+        .into_response(),
+        Err((status, msg)) => err(status, msg),
+    }
+}
+
+/// Validate and store a sync (out-of-band body or converted in-band reply).
+/// Returns the app name and whether anything changed.
+async fn apply_sync(
+    engine: &Engine,
+    req: RegisterRequest,
+    mut raw: Value,
+) -> Result<(String, bool), (StatusCode, String)> {
     if req.app_name.trim().is_empty() {
-        return err(StatusCode::BAD_REQUEST, "appName is required");
+        return Err((StatusCode::BAD_REQUEST, "appName is required".into()));
     }
     for f in &req.functions {
         if let Err(e) = validate_function(f) {
-            return err(
+            return Err((
                 StatusCode::BAD_REQUEST,
                 format!("At least one function is invalid: {e}"),
-            );
+            ));
         }
     }
     if let Some(o) = raw.as_object_mut() {
+        // Telemetry that changes between identical syncs must not flip `modified`.
         o.remove("featureObservations");
     }
-    let checksum = hex::encode(Sha256::digest(cairn_protocol::signature::canonical_json(
-        &raw,
-    )));
+    let checksum = hex::encode(Sha256::digest(signature::canonical_json(&raw)));
     let app = AppRecord {
         name: req.app_name.clone(),
         url: req.url.clone(),
@@ -276,28 +292,20 @@ async fn register(State(engine): S, hdrs: HeaderMap, body: Bytes) -> Response {
             config: serde_json::to_value(f).unwrap_or(Value::Null),
         })
         .collect();
-    let modified = match engine.store.sync_app(app, functions).await {
-        Ok(m) => m,
-        Err(e) => {
-            return err(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("storing sync: {e}"),
-            )
-        }
-    };
-    if let Err(e) = engine.registry.reload(engine.store.as_ref()).await {
-        return err(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("reloading functions: {e}"),
-        );
-    }
+    let internal = |e: crate::store::StoreError| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let modified = engine
+        .store
+        .sync_app(app, functions)
+        .await
+        .map_err(internal)?;
+    engine
+        .registry
+        .reload(engine.store.as_ref())
+        .await
+        .map_err(internal)?;
     engine.cron_wake.notify_one();
     tracing::info!(app = %req.app_name, functions = req.functions.len(), modified, "app synced");
-    Json(json!({
-        "ok": true, "modified": modified, "app_id": req.app_name,
-        "sync_id": ulid::Ulid::new().to_string(), "status": 200,
-    }))
-    .into_response()
+    Ok((req.app_name, modified))
 }
 
 async fn dev_info(State(engine): S) -> Response {
@@ -559,25 +567,49 @@ async fn metrics(State(engine): S) -> Response {
         .into_response()
 }
 
-/// Send the sync `PUT` to an app so that it registers with this server.
+/// Sync an app by URL (`cairn dev -u`): ask for an in-band sync first (the
+/// app answers with its config in the PUT reply); if the app refuses or does
+/// not do in-band (Python in dev mode answers 401), fall back to an
+/// out-of-band PUT, after which the app POSTs `/fn/register` itself.
 pub async fn ping_app(engine: &Engine, url: &str) -> anyhow::Result<String> {
-    let body = signature::canonical_json(&json!({"url": url}));
-    let mut req = engine
-        .http
-        .put(url)
-        .header("content-type", "application/json")
-        .header(headers::SERVER_KIND, kind(engine));
-    if let Some(key) = &engine.config.signing_key {
-        req = req.header(
-            headers::SIGNATURE,
-            signature::sign(key, &body, chrono::Utc::now().timestamp()),
-        );
+    let resp = send_put(engine, url, true).await?;
+    let in_band = resp
+        .headers()
+        .get(headers::SYNC_KIND)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == headers::SYNC_KIND_IN_BAND);
+    if resp.status().is_success() && in_band {
+        let raw: Value = resp.json().await?;
+        let reply: cairn_protocol::InBandSyncResponse = serde_json::from_value(raw.clone())?;
+        let req = reply.into_register_request();
+        let raw_req = serde_json::to_value(&req)?;
+        return match apply_sync(engine, req, raw_req).await {
+            Ok((app, _)) => Ok(format!("in-band sync of app {app}")),
+            Err((_, msg)) => anyhow::bail!("in-band sync of {url} rejected: {msg}"),
+        };
     }
-    let resp = req.body(body).send().await?;
+    let resp = send_put(engine, url, false).await?;
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
     if !status.is_success() {
         anyhow::bail!("sync of {url} failed: HTTP {status}: {text}");
     }
     Ok(text)
+}
+
+async fn send_put(engine: &Engine, url: &str, in_band: bool) -> anyhow::Result<reqwest::Response> {
+    let body = signature::canonical_json(&json!({"url": url}));
+    let mut req = engine
+        .http
+        .put(url)
+        .header("content-type", "application/json")
+        .header(headers::SERVER_KIND, kind(engine));
+    if in_band {
+        req = req.header(headers::SYNC_KIND, headers::SYNC_KIND_IN_BAND);
+    }
+    if let Some(key) = &engine.config.signing_key {
+        let t = chrono::Utc::now().timestamp();
+        req = req.header(headers::SIGNATURE, signature::sign(key, &body, t));
+    }
+    Ok(req.body(body).send().await?)
 }

@@ -55,10 +55,22 @@ pub async fn run_workers(engine: Arc<Engine>) {
                         });
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "claiming queue items"),
+                Err(e) => {
+                    tracing::error!(error = %e, "claiming queue items");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         }
         if claimed == free && free > 0 {
+            continue;
+        }
+        if free == 0 {
+            // Saturated: due items exist but nothing can run until a task ends,
+            // and every task announces its end on queue_wake.
+            tokio::select! {
+                _ = notified => {}
+                _ = shutdown.changed() => {}
+            }
             continue;
         }
         let now = engine.now();

@@ -178,19 +178,36 @@ async fn start_mode_enforces_keys_and_signs_calls() {
 }
 
 #[tokio::test]
-async fn sync_put_makes_the_app_register() {
+async fn sync_url_prefers_in_band_and_falls_back_to_out_of_band() {
     let ts = TestServer::start().await;
-    let app = FakeApp::start("synced", vec![FakeFn::new("f", "x/y", vec![])]).await;
+    let app = FakeApp::start("inband", vec![FakeFn::new("f", "x/y", vec![])]).await;
+    ts.server.sync_url(&app.url).await.unwrap();
+    let puts = app.counters.lock().puts.clone();
+    assert_eq!(puts.len(), 1, "in-band sync needs one PUT");
+    assert_eq!(puts[0].0, json!({"url": app.url}));
+    assert_eq!((puts[0].1.as_str(), puts[0].2.as_str()), ("dev", "in_band"));
+    assert_eq!(
+        ts.get("/v1/apps/inband/functions").await["data"][0]["id"],
+        "inband-f"
+    );
+
+    // An app that refuses in-band (Python in dev mode) gets an out-of-band PUT
+    // and registers itself.
+    let app = FakeApp::start("oob", vec![FakeFn::new("g", "x/z", vec![])]).await;
+    app.counters.lock().refuse_in_band = true;
     app.sync_to(&ts.base);
     ts.server.sync_url(&app.url).await.unwrap();
     let puts = app.counters.lock().puts.clone();
-    assert_eq!(puts.len(), 1);
-    assert_eq!(puts[0].0, json!({"url": app.url}));
-    assert_eq!(puts[0].1, "dev");
-    let fns = ts.get("/v1/apps/synced/functions").await;
-    assert_eq!(fns["data"][0]["id"], "synced-f");
+    assert_eq!(
+        puts.iter().map(|p| p.2.as_str()).collect::<Vec<_>>(),
+        ["in_band", ""]
+    );
+    assert_eq!(
+        ts.get("/v1/apps/oob/functions").await["data"][0]["id"],
+        "oob-g"
+    );
     let dev = ts.get("/dev").await;
-    assert_eq!(dev["functions"][0]["id"], "synced-f");
+    assert_eq!(dev["functions"].as_array().unwrap().len(), 2);
 }
 
 #[tokio::test]

@@ -83,8 +83,10 @@ pub struct Counters {
     pub violations: Vec<String>,
     /// Calls refused for a bad signature.
     pub bad_signatures: usize,
-    /// Bodies and server-kind headers of sync PUTs received.
-    pub puts: Vec<(Value, String)>,
+    /// Bodies, server-kind and sync-kind headers of sync PUTs received.
+    pub puts: Vec<(Value, String, String)>,
+    /// Answer in-band sync requests (else refuse them with 401, as Python does in dev mode).
+    pub refuse_in_band: bool,
 }
 
 #[derive(Clone)]
@@ -206,17 +208,36 @@ fn sdk_response(
 }
 
 async fn sync(State(st): State<AppState>, h: HeaderMap, body: Bytes) -> Response {
-    let kind = h
-        .get("x-inngest-server-kind")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+    let header = |k: &str| {
+        h.get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
     let parsed = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    st.counters.lock().puts.push((parsed, kind.to_string()));
+    let (kind, sync_kind) = (
+        header("x-inngest-server-kind"),
+        header("x-inngest-sync-kind"),
+    );
+    let refuse = st.counters.lock().refuse_in_band;
+    st.counters
+        .lock()
+        .puts
+        .push((parsed, kind, sync_kind.clone()));
+    let reg = st.register.lock().clone();
+    if sync_kind == "in_band" {
+        if refuse {
+            return (StatusCode::UNAUTHORIZED, r#"{"message":"Unauthorized"}"#).into_response();
+        }
+        let reply = json!({"app_id": reg["appName"], "framework": "axum", "functions": reg["functions"],
+            "sdk_author": "cairn", "sdk_language": "fake", "sdk_version": "0.0.1", "url": reg["url"],
+            "capabilities": {"in_band_sync": "v1"}, "inspection": {}, "env": null});
+        return sdk_response(200, 1, reply, &[("x-inngest-sync-kind", "in_band")]);
+    }
     let server = st.server.lock().clone();
     let Some(server) = server else {
         return (StatusCode::OK, "{}").into_response();
     };
-    let reg = st.register.lock().clone();
     let url = format!("{server}/fn/register");
     let r = reqwest::Client::new()
         .post(url)
