@@ -27,8 +27,9 @@ pub(crate) struct RawInput {
 pub struct Ctx<T = Value> {
     /// The event that triggered the run (the first of a batch).
     pub event: Event<T>,
-    /// Every event of the run: one, unless the function batches events.
-    pub events: Vec<Event<T>>,
+    /// The rest of a batch; empty unless the function batches events, so a run's single
+    /// event is held once.
+    batch_rest: Vec<Event<T>>,
     /// The run's id (a ULID).
     pub run_id: String,
     /// 0-based attempt of the current step or discovery call.
@@ -43,19 +44,27 @@ impl<T> Ctx<T> {
     pub fn step(&self) -> Step {
         self.step.clone()
     }
+
+    /// Every event of the run, in order: just [`Ctx::event`] unless the function batches
+    /// events.
+    pub fn events(&self) -> impl Iterator<Item = &Event<T>> {
+        std::iter::once(&self.event).chain(self.batch_rest.iter())
+    }
 }
 
 impl<T: DeserializeOwned> Ctx<T> {
     pub(crate) fn from_raw(raw: RawInput) -> Result<Self, Error> {
+        // `events[0]` is the triggering event again; type it once.
         let event = Event::from_wire(raw.event)?;
-        let events = raw
+        let batch_rest = raw
             .events
             .into_iter()
+            .skip(1)
             .map(Event::from_wire)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Ctx {
             event,
-            events,
+            batch_rest,
             run_id: raw.run_id,
             attempt: raw.attempt,
             max_attempts: raw.max_attempts,

@@ -302,13 +302,9 @@ pub(crate) async fn execute(
         waiting: Vec::new(),
         client: client.clone(),
     }))));
-    let mut events = input.events;
-    if events.is_empty() {
-        events.push(input.event.clone());
-    }
     let raw = RawInput {
         event: input.event,
-        events,
+        events: input.events,
         run_id: input.run_id,
         attempt: exec.attempt,
         max_attempts: exec.max_attempts,

@@ -644,3 +644,94 @@ async fn a_targeted_step_the_handler_never_awaits_fails_instead_of_hanging() {
     let ans = call(&url, "app-unawaited", &hash("a"), &b.build(), None).await;
     assert_eq!(ans.ops()[0]["op"], "StepRun");
 }
+
+#[tokio::test]
+async fn batched_events_are_all_visible_and_the_batch_config_is_synced() {
+    let c = client();
+    let f = c
+        .function("batch")
+        .event("demo/b")
+        .batch_events(cairn_sdk::Batch::new(10, Duration::from_secs(5)).key("event.data.user"))
+        .handler(|ctx: Ctx<Value>| async move {
+            let ns: Vec<Value> = ctx.events().map(|e| e.data["n"].clone()).collect();
+            Ok(json!(ns))
+        });
+    let cfg = &f.configs("http://x/api")[0];
+    assert_eq!(
+        serde_json::to_value(&cfg.batch_events).unwrap(),
+        json!({"maxSize": 10, "timeout": "5s", "key": "event.data.user"})
+    );
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [f])).await;
+    let mut body = CallBuilder::new(json!({"n": 1})).build();
+    body["events"] = json!([
+        {"name": "demo/b", "data": {"n": 1}, "id": "1", "ts": 1, "user": {}},
+        {"name": "demo/b", "data": {"n": 2}, "id": "2", "ts": 2, "user": {}},
+        {"name": "demo/b", "data": {"n": 3}, "id": "3", "ts": 3, "user": {}},
+    ]);
+    let ans = call(&url, "app-batch", "step", &body, None).await;
+    assert_eq!(ans.body, json!([1, 2, 3]));
+}
+
+#[test]
+fn flow_control_config_serialises_as_the_wire_expects() {
+    use cairn_sdk::{CancelOn, Concurrency, Debounce, RateLimit, Scope, SingletonMode, Throttle};
+    let c = client();
+    let f = c
+        .function("flow")
+        .name("Flow")
+        .event_if("shop/paid", "event.data.total > 10")
+        .cron("TZ=Europe/Paris 0 9 * * *")
+        .retries(7)
+        .concurrency(Concurrency::new(5))
+        .concurrency(
+            Concurrency::new(50)
+                .key("event.data.account")
+                .scope(Scope::Env),
+        )
+        .throttle(
+            Throttle::new(3, Duration::from_secs(60))
+                .burst(2)
+                .key("event.data.k"),
+        )
+        .rate_limit(RateLimit::new(10, Duration::from_secs(3600)))
+        .debounce(Debounce::new(Duration::from_secs(5)).timeout(Duration::from_secs(60)))
+        .priority("event.data.vip ? 60 : 0")
+        .idempotency("event.data.order_id")
+        .cancel_on(
+            CancelOn::event("shop/cancelled")
+                .matching("data.order_id")
+                .timeout(Duration::from_secs(86400)),
+        )
+        .timeouts(
+            Some(Duration::from_secs(10)),
+            Some(Duration::from_secs(7200)),
+        )
+        .singleton(Some("event.data.user"), SingletonMode::Cancel)
+        .handler(|_ctx: Ctx<Value>| async move { Ok(()) });
+    let cfg = serde_json::to_value(&f.configs("http://app/api/inngest")[0]).unwrap();
+    assert_eq!(
+        cfg,
+        json!({
+            "id": "app-flow",
+            "name": "Flow",
+            "triggers": [
+                {"event": "shop/paid", "expression": "event.data.total > 10"},
+                {"cron": "TZ=Europe/Paris 0 9 * * *"}
+            ],
+            "steps": {"step": {
+                "id": "step", "name": "step",
+                "runtime": {"type": "http", "url": "http://app/api/inngest?fnId=app-flow&stepId=step"},
+                "retries": {"attempts": 7}
+            }},
+            "concurrency": [{"limit": 5}, {"limit": 50, "key": "event.data.account", "scope": "env"}],
+            "throttle": {"limit": 3, "period": "1m", "burst": 2, "key": "event.data.k"},
+            "rateLimit": {"limit": 10, "period": "1h"},
+            "debounce": {"period": "5s", "timeout": "1m"},
+            "priority": {"run": "event.data.vip ? 60 : 0"},
+            "idempotency": "event.data.order_id",
+            "cancel": [{"event": "shop/cancelled", "if": "event.data.order_id == async.data.order_id", "timeout": "1d"}],
+            "timeouts": {"start": "10s", "finish": "2h"},
+            "singleton": {"key": "event.data.user", "mode": "cancel"}
+        })
+    );
+}
