@@ -450,3 +450,23 @@ async fn cron_fires_on_a_seconds_schedule() {
         "Completed"
     );
 }
+
+#[tokio::test]
+async fn finish_timeout_cancels_a_long_run() {
+    let ts = TestServer::start().await;
+    let mut f = FakeFn::new(
+        "slowpoke",
+        "test/slow",
+        vec![Step::Sleep("s", "30s"), Step::Run("never", json!(0))],
+    );
+    f.extra = json!({"timeouts": {"finish": "300ms"}});
+    let app = FakeApp::start("app", vec![f]).await;
+    ts.register(&app).await;
+    let run = ts.run_to_end(json!({"name": "test/slow"})).await;
+    assert_eq!(run["status"], "Cancelled", "{run}");
+    assert!(run["output"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("timeouts.finish"));
+    assert_eq!(app.executed("never"), 0);
+}
