@@ -139,7 +139,36 @@ fn normalise_event(mut v: Value, now: i64, internal_id: &str) -> Result<Value, S
     Ok(v)
 }
 
-async fn ingest(State(engine): S, Path(key): Path<String>, body: Bytes) -> Response {
+/// Deterministic event ids from `X-Inngest-Event-Id-Seed: <unix ms>,<base64 of 10 bytes>`:
+/// a retried send of the same batch gets the same ids and is stored once.
+fn seeded_ids(seed: &str, n: usize) -> Option<Vec<String>> {
+    use base64::Engine as _;
+    let (ms, entropy) = seed.split_once(',')?;
+    let ms: u64 = ms.trim().parse().ok()?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(entropy.trim())
+        .ok()?;
+    let bytes: [u8; 10] = bytes.try_into().ok()?;
+    let base = u32::from_be_bytes([bytes[6], bytes[7], bytes[8], bytes[9]]);
+    Some(
+        (0..n)
+            .map(|i| {
+                let mut b = bytes;
+                b[6..10].copy_from_slice(&base.wrapping_add(i as u32).to_be_bytes());
+                let mut random = [0u8; 16];
+                random[6..].copy_from_slice(&b);
+                ulid::Ulid::from_parts(ms, u128::from_be_bytes(random)).to_string()
+            })
+            .collect(),
+    )
+}
+
+async fn ingest(
+    State(engine): S,
+    Path(key): Path<String>,
+    hdrs: HeaderMap,
+    body: Bytes,
+) -> Response {
     if engine.config.mode == Mode::Start && !engine.config.event_keys.iter().any(|k| k == &key) {
         return err(StatusCode::UNAUTHORIZED, "Event key not found");
     }
@@ -161,6 +190,10 @@ async fn ingest(State(engine): S, Path(key): Path<String>, body: Bytes) -> Respo
         return (StatusCode::OK, Json(json!({"ids": [], "status": 200}))).into_response();
     }
     let now = engine.now();
+    let seeded = hdrs
+        .get(headers::EVENT_ID_SEED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| seeded_ids(s, raw.len()));
     let mut events = Vec::with_capacity(raw.len());
     for (i, v) in raw.into_iter().enumerate() {
         let size = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0);
@@ -170,7 +203,10 @@ async fn ingest(State(engine): S, Path(key): Path<String>, body: Bytes) -> Respo
                 format!("event {i} is {size} bytes; the limit is {MAX_EVENT_BYTES}"),
             );
         }
-        let internal_id = ulid::Ulid::new().to_string();
+        let internal_id = match &seeded {
+            Some(ids) => ids[i].clone(),
+            None => ulid::Ulid::new().to_string(),
+        };
         match normalise_event(v, now, &internal_id) {
             Ok(event) => events.push(NewEvent {
                 internal_id,

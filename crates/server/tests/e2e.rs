@@ -470,3 +470,33 @@ async fn finish_timeout_cancels_a_long_run() {
         .contains("timeouts.finish"));
     assert_eq!(app.executed("never"), 0);
 }
+
+#[tokio::test]
+async fn resent_batch_with_the_same_id_seed_is_stored_once() {
+    let ts = TestServer::start().await;
+    let app = FakeApp::start("app", vec![FakeFn::new("seeded", "test/seed", vec![])]).await;
+    ts.register(&app).await;
+    let send = || async {
+        let r = ts
+            .http
+            .post(format!("{}/e/k", ts.base))
+            .header("x-inngest-event-id-seed", "1700000000000,AAECAwQFBgcICQ==")
+            .json(&json!([{"name": "test/seed"}, {"name": "test/seed"}]))
+            .send()
+            .await
+            .unwrap();
+        r.json::<Value>().await.unwrap()["ids"].clone()
+    };
+    let first = send().await;
+    let second = send().await;
+    assert_eq!(first, second);
+    assert_ne!(first[0], first[1]);
+    for id in first.as_array().unwrap() {
+        let runs = ts.runs_of(id.as_str().unwrap(), 1).await;
+        ts.finished(runs[0]["run_id"].as_str().unwrap()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let evs = ts.get("/v1/events?name=test/seed").await;
+    assert_eq!(evs["data"].as_array().unwrap().len(), 2);
+    assert_eq!(app.counters.lock().calls["app-seeded"], 2);
+}

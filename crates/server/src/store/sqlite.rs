@@ -345,10 +345,17 @@ fn insert_event(conn: &Connection, e: &NewEvent) -> rusqlite::Result<i64> {
         .and_then(Value::as_str)
         .unwrap_or_default();
     let user_id = e.event.get("id").and_then(Value::as_str);
-    conn.prepare_cached(
-        "INSERT INTO events(internal_id, user_id, name, body, received_at, target_fn) VALUES (?,?,?,?,?,?)",
-    )?
+    // A resent event (same seeded id) is stored once; the first copy stands.
+    let n = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO events(internal_id, user_id, name, body, received_at, target_fn) VALUES (?,?,?,?,?,?)",
+        )?
     .execute(params![e.internal_id, user_id, name, j(&e.event), e.received_at, e.target_fn])?;
+    if n == 0 {
+        return conn
+            .prepare_cached("SELECT seq FROM events WHERE internal_id=?")?
+            .query_row([&e.internal_id], |r| r.get(0));
+    }
     Ok(conn.last_insert_rowid())
 }
 
