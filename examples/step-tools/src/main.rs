@@ -102,7 +102,8 @@ fn fulfil(client: &Client, pricer: &Function) -> Function {
                 };
 
                 // sleep and sleep_until: durable pauses.
-                step.sleep("cool-off", Duration::from_secs(60)).await?;
+                // COOL_OFF_SECS shortens it for tests and demos.
+                step.sleep("cool-off", cool_off()).await?;
                 let tomorrow = chrono::Utc::now() + chrono::Duration::days(1);
                 if ctx.event.data.items.len() > 10 {
                     step.sleep_until("wait-for-bulk-window", tomorrow).await?;
@@ -128,6 +129,15 @@ fn fulfil(client: &Client, pricer: &Function) -> Function {
                 }))
             }
         })
+}
+
+/// The cool-off pause: `COOL_OFF_SECS`, default one minute.
+fn cool_off() -> Duration {
+    let secs = std::env::var("COOL_OFF_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(secs)
 }
 
 #[tokio::main]
