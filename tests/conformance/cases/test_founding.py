@@ -1,6 +1,12 @@
 """The founding scenario (inngest-js#1440) as a test: the report's function on
-inngest@3.52.4, 200 runs, every one completing with the right output, and cairn's own
-memory not growing across them."""
+inngest@3.52.4, 400 runs (25 in flight at a time), every one completing with the right
+output, and cairn's own memory not growing across them.
+
+Measured on the first builds: cairn's anonymous RSS rises for the first ~175 runs (to
+~115-135 MiB) and then plateaus; the allocator keeps freed MiB-sized buffers, so single
+samples swing by 10-20 MiB. Hence the warm-up of 200 runs and a check on the *floor* of
+the samples, which a real leak lifts steadily (300 KiB per run = +60 MiB over the
+measured 200 runs) while the plateau does not."""
 
 from __future__ import annotations
 
@@ -12,17 +18,13 @@ from harness.procs import only_sdks, output_of
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-RUNS = 200
-WARMUP = 50
+RUNS = 400
+WARMUP = 200
 CHUNK = 25
-# cairn's anonymous RSS may rise to a plateau after warm-up and swings by tens of MiB as the
-# allocator keeps and returns MiB-sized buffers, so a leak shows as a rising *floor*: the
-# lowest of the last three samples may not exceed the lowest sample between warm-up and
-# half-way by more than FLOOR_GROWTH_MIB (a leak of 300 KiB per run would add ~30 MiB over
-# the second 100 runs). No sample after warm-up may exceed the warm-up level by more than
-# MAX_GROWTH_MIB.
-MAX_GROWTH_MIB = 64
-FLOOR_GROWTH_MIB = 16
+# Lowest sample of the last three vs lowest sample of runs 200-300.
+FLOOR_GROWTH_MIB = 32
+# No sample after warm-up above the warm-up level by more than this.
+MAX_GROWTH_MIB = 96
 
 
 def rss_mib(pid: int, field: str = "RssAnon") -> float:
@@ -36,7 +38,7 @@ def rss_mib(pid: int, field: str = "RssAnon") -> float:
 
 
 @only_sdks("js3")
-def test_founding_200_runs_flat_memory(sdk, make_stack):
+def test_founding_400_runs_flat_memory(sdk, make_stack):
     st = make_stack(sdk)
     pid = st.cairn.proc.p.pid
     samples = []
@@ -58,7 +60,7 @@ def test_founding_200_runs_flat_memory(sdk, make_stack):
     peak_after = max(a for n, a, _ in samples if n >= WARMUP)
     print(f"{RUNS} runs in {elapsed:.1f}s; cairn (runs, RssAnon MiB, VmRSS MiB): {samples}")
     assert peak_after - base <= MAX_GROWTH_MIB, f"cairn RSS grew {peak_after - base:.1f} MiB: {samples}"
-    early_floor = min(a for n, a, _ in samples if WARMUP <= n <= RUNS // 2)
+    early_floor = min(a for n, a, _ in samples if WARMUP <= n <= WARMUP + 100)
     late_floor = min(a for _, a, _ in samples[-3:])
     assert late_floor - early_floor <= FLOOR_GROWTH_MIB, (
         f"cairn RSS floor climbing: {early_floor} -> {late_floor} MiB: {samples}")
