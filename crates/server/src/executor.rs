@@ -593,14 +593,13 @@ async fn call(
         .unwrap_or_else(|| cairn_protocol::STEP_DISCOVERY.to_string());
     let body = build_body(
         &run,
-        &memos,
+        memos,
         item.attempt,
         max_attempts,
         predecessor.as_deref(),
         &item.id,
     );
     let url = call_url(&base_url, &run.fn_slug, &step_id)?;
-    drop(memos);
     let outcome = send(engine, url, body, &run.run_id, &step_id, run.version).await;
     let now = engine.now();
     let retry_or_fail =
@@ -916,7 +915,7 @@ pub fn function_uuid(slug: &str) -> String {
 /// Serialise the call request as canonical JSON (the bytes that get signed).
 fn build_body(
     run: &Run,
-    memos: &[(String, Value)],
+    memos: Vec<(String, Value)>,
     attempt: i64,
     max_attempts: i64,
     predecessor: Option<&str>,
@@ -936,7 +935,8 @@ fn build_body(
         .first()
         .cloned()
         .unwrap_or_else(|| Event::new("unknown", json!({})));
-    let steps: Map<String, Value> = memos.iter().cloned().collect();
+    // Moved, not cloned: memos can be megabytes each.
+    let steps: Map<String, Value> = memos.into_iter().collect();
     let mut req = CallRequest {
         event,
         events,
