@@ -500,3 +500,30 @@ async fn resent_batch_with_the_same_id_seed_is_stored_once() {
     assert_eq!(evs["data"].as_array().unwrap().len(), 2);
     assert_eq!(app.counters.lock().calls["app-seeded"], 2);
 }
+
+#[tokio::test]
+async fn discovery_request_and_run_complete_ops() {
+    let ts = TestServer::start().await;
+    let f = FakeFn::new(
+        "v4ish",
+        "test/v4",
+        vec![
+            Step::Run("a", json!(1)),
+            Step::Discovery("handoff"),
+            Step::Run("b", json!(2)),
+            Step::RunComplete(json!({"via": "206"})),
+        ],
+    );
+    let app = FakeApp::start("app", vec![f]).await;
+    ts.register(&app).await;
+    let run = ts.run_to_end(json!({"name": "test/v4"})).await;
+    assert_eq!(run["status"], "Completed", "{run}");
+    assert_eq!(run["output"], json!({"via": "206"}));
+    // Passed on three calls: the hand-off, the discovery it asked for (runs b), the last.
+    assert_eq!(
+        app.executed("handoff"),
+        3,
+        "no discovery call after DiscoveryRequest"
+    );
+    assert_eq!(app.executed("b"), 1);
+}

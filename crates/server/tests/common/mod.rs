@@ -41,6 +41,10 @@ pub enum Step {
     Parallel(Vec<(&'static str, Value)>),
     /// The function throws (non-retriable if the flag is set).
     Throw(bool),
+    /// The first time it is reached, answer `[DiscoveryRequest]` (JS v4 after maxRuntime).
+    Discovery(&'static str),
+    /// Finish with `206 [RunComplete]` instead of a 200 (JS v4 checkpointing).
+    RunComplete(Value),
 }
 
 /// A scripted function.
@@ -443,6 +447,16 @@ async fn handle(
                 for (id, _) in items {
                     outputs.insert(id.to_string(), memo(id).unwrap());
                 }
+            }
+            Step::Discovery(id) => {
+                if exec(id) == 1 {
+                    let op = json!([{"id": step_id::hash(id), "op": "DiscoveryRequest"}]);
+                    return sdk_response(206, v, op, &[]);
+                }
+            }
+            Step::RunComplete(out) => {
+                let op = json!([{"id": cairn_protocol::RUN_COMPLETE_ID, "op": "RunComplete", "data": out}]);
+                return sdk_response(206, v, op, &[]);
             }
             Step::Throw(no_retry) => {
                 return sdk_response(
