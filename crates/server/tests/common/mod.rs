@@ -544,7 +544,7 @@ impl TestServer {
 
     /// Runs started by an event, waiting until at least `n` exist.
     pub async fn runs_of(&self, event_id: &str, n: usize) -> Vec<Value> {
-        for _ in 0..200 {
+        for _ in 0..400 {
             let v = self.get(&format!("/v1/events/{event_id}/runs")).await;
             if let Some(a) = v["data"].as_array() {
                 if a.len() >= n {
@@ -558,7 +558,7 @@ impl TestServer {
 
     /// Wait until the run is no longer Running and return it.
     pub async fn finished(&self, run_id: &str) -> Value {
-        for _ in 0..400 {
+        for _ in 0..800 {
             let v = self.get(&format!("/v1/runs/{run_id}")).await;
             if v["data"]["status"] != "Running" {
                 return v["data"].clone();
