@@ -70,7 +70,7 @@ def test_introspection_unsigned(sdk, capp):
         assert resp.status_code == 200
         body = resp.json()
         assert body["mode"] == "cloud" and body["has_signing_key"] is True
-        assert body["function_count"] == 31  # 30 functions + the onFailure handler
+        assert body["function_count"] == 32  # 31 functions + the onFailure handler
     else:
         # 4.x and py 0.5.19 refuse unsigned introspection in cloud mode with 401
         # {"message":"Unauthorized"}, and strip x-inngest-sdk (only x-inngest-sdk-handled stays).

@@ -164,7 +164,8 @@ class Cairn:
 
     def __init__(self, log_dir: Path, mode: str = "dev", sync_urls: list[str] | None = None,
                  signing_key: str | None = None, event_key: str | None = None,
-                 extra_args: list[str] | None = None, name: str = "cairn", port: int | None = None):
+                 extra_args: list[str] | None = None, name: str = "cairn", port: int | None = None,
+                 retry_interval: int | None = None):
         binary = cairn_bin()
         if not binary.exists():
             raise AssertionError(
@@ -185,7 +186,7 @@ class Cairn:
             argv += ["-u", u]
         # A fixed 5 s retry delay instead of the 15 s+ backoff table (like `inngest dev
         # --retry-interval`); still far from the 1 s a RetryAfterError asks for.
-        argv += ["--retry-interval", str(RETRY_INTERVAL)]
+        argv += ["--retry-interval", str(retry_interval or RETRY_INTERVAL)]
         argv += shlex.split(os.environ.get("CAIRN_ARGS", ""))
         argv += extra_args or []
         env = dict(os.environ)

@@ -43,8 +43,8 @@ class Stack:
     @classmethod
     def start(cls, sdk: str, log_dir: Path, procs: list, *, mode: str = "dev", proxy: bool = False,
               sync: bool = True, app_env: dict | None = None, app_signing_key: str | None = None,
-              cairn_args: list[str] | None = None) -> "Stack":
-        cairn = Cairn(log_dir, mode=mode, extra_args=cairn_args)
+              cairn_args: list[str] | None = None, retry_interval: int | None = None) -> "Stack":
+        cairn = Cairn(log_dir, mode=mode, extra_args=cairn_args, retry_interval=retry_interval)
         procs.append(cairn)
         if sdk is None:
             return cls(sdk, cairn, None, None)

@@ -418,6 +418,24 @@ export function startApp({ inngest: mod, serve, major }) {
     }),
   );
 
+  // many-steps: six 1 s steps. Under a 3 s call timeout, inngest@4 (one request, many
+  // checkpointed steps) outlives its call; its later checkpoints are stale dispatches.
+  add(
+    fn({ id: "many-steps" }, { event: "conf/many-steps" }, async ({ step, runId }) => {
+      const out = [];
+      for (let i = 1; i <= 6; i++) {
+        out.push(
+          await step.run(`tick-${i}`, async () => {
+            bump(`tick-${i}`, runId);
+            await sleepMs(1000);
+            return i;
+          }),
+        );
+      }
+      return out;
+    }),
+  );
+
   // no-checkpoint: like serial, with checkpointing switched off for the function (the
   // classic one-step-per-request protocol even when the server offers checkpointing).
   add(

@@ -374,6 +374,19 @@ def long_steps(ctx: inngest.ContextSync) -> list:
     return [ctx.step.run(i, slow(i)) for i in ("slow-1", "slow-2", "slow-3", "slow-4")]
 
 
+@add(fn_id="many-steps", trigger=ev("conf/many-steps"))
+def many_steps(ctx: inngest.ContextSync) -> list:
+    def tick(i: int):
+        def body() -> int:
+            bump(f"tick-{i}", ctx.run_id)
+            time.sleep(1)
+            return i
+
+        return body
+
+    return [ctx.step.run(f"tick-{i}", tick(i)) for i in range(1, 7)]
+
+
 @add(fn_id="no-checkpoint", trigger=ev("conf/no-checkpoint"))
 def no_checkpoint(ctx: inngest.ContextSync) -> list:
     # Python has no checkpointing; same function as the JS apps for symmetry.
