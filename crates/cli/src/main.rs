@@ -42,6 +42,9 @@ struct Common {
     /// Seconds a claimed queue item stays leased before another worker may retry it.
     #[arg(long, env = "CAIRN_LEASE_SECONDS", default_value_t = 30)]
     lease_seconds: u64,
+    /// Days to keep finished runs and processed events.
+    #[arg(long, env = "CAIRN_RETENTION_DAYS", default_value_t = 7)]
+    retention_days: u64,
     /// Seconds to wait for an app to answer one call before counting it as a failed attempt.
     #[arg(long, env = "CAIRN_CALL_TIMEOUT", default_value_t = 300)]
     call_timeout: u64,
@@ -104,6 +107,7 @@ fn apply_common(cfg: &mut Config, c: &Common) {
     cfg.retry_interval = c.retry_interval.map(Duration::from_secs);
     cfg.lease = Duration::from_secs(c.lease_seconds.max(1));
     cfg.call_timeout = Duration::from_secs(c.call_timeout.max(1));
+    cfg.retention = Duration::from_secs(c.retention_days.max(1) * 24 * 3600);
 }
 
 async fn wait_for_signal() {

@@ -64,3 +64,50 @@ fn corrupt_or_foreign_database_refuses_to_start() {
     assert_ne!(code, 0);
     assert!(text.contains("PostgreSQL"), "{text}");
 }
+
+#[test]
+fn sigterm_shuts_down_cleanly_and_dev_state_lives_in_dot_cairn() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["dev", "--port", &port.to_string()])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cairn dev did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(dir.path().join(".cairn/cairn.db").exists());
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cairn did not exit after SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit}");
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(out.contains(&format!("http://127.0.0.1:{port}")), "{out}");
+}

@@ -65,6 +65,8 @@ pub struct Config {
     pub max_concurrency: usize,
     /// Safety-net poll for work created by other processes sharing the store.
     pub poll_interval: Duration,
+    /// Finished runs and processed events older than this are deleted.
+    pub retention: Duration,
 }
 
 impl Config {
@@ -80,6 +82,7 @@ impl Config {
             call_timeout: Duration::from_secs(300),
             max_concurrency: 64,
             poll_interval: Duration::from_secs(2),
+            retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 
@@ -180,6 +183,7 @@ impl Server {
         tasks.push(tokio::spawn(matcher::run_processor(engine.clone())));
         tasks.push(tokio::spawn(queue::run_workers(engine.clone())));
         tasks.push(tokio::spawn(timers::run_cron(engine.clone())));
+        tasks.push(tokio::spawn(timers::run_retention(engine.clone())));
         let app = api::router(engine.clone());
         let mut sd = engine.shutdown.clone();
         tasks.push(tokio::spawn(async move {

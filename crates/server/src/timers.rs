@@ -113,3 +113,26 @@ pub async fn run_cron(engine: Arc<Engine>) {
         }
     }
 }
+
+/// Delete history older than the retention window, so storage stays bounded.
+/// Runs every few minutes, in bounded batches, until nothing old is left.
+pub async fn run_retention(engine: Arc<Engine>) {
+    let mut shutdown = engine.shutdown.clone();
+    loop {
+        let before = engine.now() - engine.config.retention.as_millis() as i64;
+        loop {
+            match engine.store.prune(before).await {
+                Ok((0, 0)) => break,
+                Ok((runs, events)) => tracing::debug!(runs, events, "pruned history"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning history");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(300)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

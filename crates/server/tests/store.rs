@@ -285,3 +285,45 @@ fn refuses_newer_schema_and_garbage_files() {
     // Never reset: the bytes are untouched.
     assert_eq!(std::fs::read(&junk).unwrap(), vec![0x42u8; 8192]);
 }
+
+#[tokio::test]
+async fn prune_deletes_only_old_finished_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let done = make_run(&store, "OLD").await;
+    let live = make_run(&store, "LIVE").await;
+    store
+        .apply(
+            Apply {
+                run_id: done.clone(),
+                memos: vec![("h".into(), json!(1))],
+                ..Default::default()
+            },
+            matcher(),
+            2,
+        )
+        .await
+        .unwrap();
+    assert!(store.cancel_run(&done, 10).await.unwrap());
+    store
+        .insert_events(vec![ev("t/unprocessed")])
+        .await
+        .unwrap();
+    let (runs, events) = store.prune(100).await.unwrap();
+    assert_eq!(
+        (runs, events),
+        (1, 2),
+        "one ended run, two processed trigger events"
+    );
+    assert!(store.get_run(&done).await.unwrap().is_none());
+    assert!(store.steps(&done).await.unwrap().is_empty());
+    assert_eq!(
+        store.get_run(&live).await.unwrap().unwrap().status,
+        RunStatus::Running
+    );
+    assert_eq!(
+        store.unprocessed_events(10).await.unwrap().len(),
+        1,
+        "unprocessed events are kept"
+    );
+}

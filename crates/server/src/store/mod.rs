@@ -401,6 +401,10 @@ pub trait Store: Send + Sync + 'static {
     /// Number of items in the queue.
     async fn queue_depth(&self) -> StoreResult<i64>;
 
+    /// Retention: delete runs that ended before `before` (with their steps) and
+    /// processed events received before it. Returns (runs, events) deleted.
+    async fn prune(&self, before: i64) -> StoreResult<(u64, u64)>;
+
     /// Last fired cron tick per (function, schedule), unix ms.
     async fn cron_last(&self, fn_slug: &str, schedule: &str) -> StoreResult<Option<i64>>;
     /// Atomically record a cron tick and store its event (`None` only records

@@ -960,6 +960,32 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn prune(&self, before: i64) -> StoreResult<(u64, u64)> {
+        self.write(move |conn| {
+            let go = || -> rusqlite::Result<(u64, u64)> {
+                // Bounded batches keep each group commit short.
+                conn.execute(
+                    "DELETE FROM steps WHERE run_id IN (SELECT run_id FROM runs
+                     WHERE status != 'Running' AND ended_at < ?1 LIMIT 5000)",
+                    [before],
+                )?;
+                let runs = conn.execute(
+                    "DELETE FROM runs WHERE run_id IN (SELECT run_id FROM runs
+                     WHERE status != 'Running' AND ended_at < ?1 LIMIT 5000)",
+                    [before],
+                )?;
+                let events = conn.execute(
+                    "DELETE FROM events WHERE seq IN (SELECT seq FROM events
+                     WHERE processed = 1 AND received_at < ?1 LIMIT 5000)",
+                    [before],
+                )?;
+                Ok((runs as u64, events as u64))
+            };
+            go().map_err(be)
+        })
+        .await
+    }
+
     async fn cron_last(&self, fn_slug: &str, schedule: &str) -> StoreResult<Option<i64>> {
         let (f, s) = (fn_slug.to_string(), schedule.to_string());
         self.read(move |c| {
