@@ -179,11 +179,12 @@ impl Server {
         engine.registry.reload(engine.store.as_ref()).await?;
         metrics_export::install();
 
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(matcher::run_processor(engine.clone())));
-        tasks.push(tokio::spawn(queue::run_workers(engine.clone())));
-        tasks.push(tokio::spawn(timers::run_cron(engine.clone())));
-        tasks.push(tokio::spawn(timers::run_retention(engine.clone())));
+        let mut tasks = vec![
+            tokio::spawn(matcher::run_processor(engine.clone())),
+            tokio::spawn(queue::run_workers(engine.clone())),
+            tokio::spawn(timers::run_cron(engine.clone())),
+            tokio::spawn(timers::run_retention(engine.clone())),
+        ];
         let app = api::router(engine.clone());
         let mut sd = engine.shutdown.clone();
         tasks.push(tokio::spawn(async move {
