@@ -7,6 +7,7 @@ an out-of-band PUT, sends events to /e/{key}, and checks outcomes through the RE
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -485,3 +486,110 @@ def test_call_timeout_mid_request(sdk, make_stack, procs):
         assert cps, "no checkpoints"
         statuses = [e.status for e in cps]
         assert 409 in statuses, f"no stale-dispatch 409 among checkpoint replies: {statuses}"
+
+
+def test_step_error_exhausted_fails_without_function_retry(sdk, make_stack):
+    """C-ERR-04: a step failing on every attempt (retries 1) is memoised as an error after
+    its last attempt; the handler rethrows it and the SDK answers no-retry, so the run
+    fails without further calls."""
+    st = make_stack(sdk, retry_interval=1)
+    run = st.run_to_end("conf/always-fails", timeout=30)
+    assert run["status"] == "Failed", run
+    assert "boom" in json.dumps(run.get("output")) + json.dumps(run.get("error")), run
+    rid = run_id_of(run)
+    time.sleep(3)  # a wrong function-level retry would call again within the 1 s interval
+    assert st.app.count("boom", rid) == 2
+    assert st.app.count("after-boom", rid) == 1
+
+
+def test_trigger_expression(sdk, make_stack):
+    st = make_stack(sdk)
+    standard = st.send("conf/expr", {"type": "standard"})
+    premium = st.send("conf/expr", {"type": "premium"})
+    completed(st.cairn.finish(premium), {"type": "premium"})
+    time.sleep(1.5)
+    assert st.cairn.runs_for_event(standard) == [], "an event failing the trigger expression ran"
+    assert st.app.count("expr-trigger") == 1
+
+
+def test_event_id_idempotency(sdk, make_stack):
+    """C-EVT-01: events carrying the same user `id` start the function once."""
+    st = make_stack(sdk)
+    key = "idem-" + uid()
+    ids = [st.send("conf/serial", {"n": i}, id=key) for i in range(3)]
+    run = st.cairn.finish(ids[0])
+    completed(run)
+    time.sleep(2)
+    assert st.app.count("first step") == 1, st.app.counters()
+    other = st.send("conf/serial", {}, id="idem-" + uid())
+    completed(st.cairn.finish(other))
+    assert st.app.count("first step") == 2
+
+
+def test_cancel_while_call_in_flight(sdk, make_stack):
+    """C-CANCEL-03: cancelled while a step body runs in the SDK; the late answer must not
+    revive the run, and nothing after it runs."""
+    st = make_stack(sdk)
+    eid = st.send("conf/long-steps")
+    rid = st.cairn.wait_run_id(eid)
+    st.wait_count("slow-1", 1, run_id=rid)
+    r = st.cairn.cancel(rid)
+    assert 200 <= r.status_code < 300, r.text
+    st.cairn.wait_status(rid, "Cancelled", timeout=10)
+    time.sleep(8)  # slow-1 ends at ~4 s; slow-2 would start right after
+    assert st.cairn.run(rid)["status"] == "Cancelled"
+    assert st.app.count("slow-2", rid) == 0
+
+
+def test_invoke_missing_function(sdk, make_stack):
+    """C-INV-07 / C-PAR-11: invoking a function that does not exist fails the invoke step
+    promptly (not after its 60 s timeout)."""
+    st = make_stack(sdk)
+    t0 = time.monotonic()
+    out = completed(st.run_to_end("conf/invoke-missing", timeout=30))
+    assert out["caught"] is True, out
+    assert time.monotonic() - t0 < 30
+
+
+def test_parallel_failures_one_on_failure(sdk, make_stack):
+    """C-PAR-13: two parallel steps fail for good; the run fails once, and its onFailure
+    handler runs exactly once."""
+    st = make_stack(sdk)
+    run = st.run_to_end("conf/parallel-fail", timeout=30)
+    assert run["status"] == "Failed", run
+    rid = run_id_of(run)
+    st.wait_count("parallel-fail-onFailure", 1, timeout=20)
+    time.sleep(3)
+    assert st.app.count("parallel-fail-onFailure") == 1
+    assert st.app.records()["parallel-fail-onFailure"] == [rid]
+    assert st.app.count("step-a", rid) == 1 and st.app.count("step-b", rid) == 1
+
+
+def test_retry_wire_attempts(sdk, make_stack):
+    """Through the proxy: the retried call carries attempt 1 and max_attempts = retries + 1,
+    for the same step; the failed attempt's error is not memoised."""
+    st = make_stack(sdk, proxy=True, retry_interval=1)
+    run = st.run_to_end("conf/retry", timeout=30)
+    completed(run, {"value": "recovered after 2 attempts"})
+    bodies = [c.json() for c in st.calls()]
+    assert all(b["ctx"]["max_attempts"] == 3 for b in bodies), [b["ctx"]["max_attempts"] for b in bodies]
+    attempts = [b["ctx"]["attempt"] for b in bodies]
+    assert attempts[:2] == [0, 1], attempts
+    assert bodies[1]["steps"] == {}, "the failed attempt's error was memoised"
+    if sdk == "py":
+        assert st.calls()[0].status == 206 and st.calls()[0].resp_json()[0]["op"] == "StepError"
+    assert all(a == 0 for a in attempts[2:]), attempts  # a new step or discovery restarts at 0
+
+
+def test_invoked_run_event(sdk, make_stack):
+    """The child of an invoke runs on `inngest/function.invoked` with the payload's data and
+    the `_inngest` correlation metadata (protocol §10.4)."""
+    st = make_stack(sdk, proxy=True)
+    completed(st.run_to_end("conf/invoke"), {"child": {"doubled": 42}})
+    child_calls = [c for c in st.calls() if "fnId=conformance-invoke-child" in c.query]
+    assert child_calls, "no call to the invoked function"
+    ev = child_calls[0].json()["event"]
+    assert ev["name"] == "inngest/function.invoked", ev
+    assert ev["data"]["n"] == 21
+    meta = ev["data"].get("_inngest") or {}
+    assert meta.get("correlation_id", "").endswith("." + H("call-child")), meta

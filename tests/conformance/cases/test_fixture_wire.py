@@ -70,7 +70,7 @@ def test_introspection_unsigned(sdk, capp):
         assert resp.status_code == 200
         body = resp.json()
         assert body["mode"] == "cloud" and body["has_signing_key"] is True
-        assert body["function_count"] == 32  # 31 functions + the onFailure handler
+        assert body["function_count"] == 37  # 35 functions + 2 onFailure handlers
     else:
         # 4.x and py 0.5.19 refuse unsigned introspection in cloud mode with 401
         # {"message":"Unauthorized"}, and strip x-inngest-sdk (only x-inngest-sdk-handled stays).
@@ -121,6 +121,8 @@ def test_out_of_band_sync_body(sdk, capp):
     cancel = slugs["conformance-cancel-on"]["cancel"][0]
     assert cancel["event"] == "conf/cancel-on.cancel"
     assert cancel["if"] == "event.data.id == async.data.id"
+    assert slugs["conformance-expr-trigger"]["triggers"] == [
+        {"event": "conf/expr", "expression": "event.data.type == 'premium'"}]
     batch = slugs["conformance-batch"]["batchEvents"]
     assert batch["maxSize"] == 3 and batch["timeout"] == "5s"
 

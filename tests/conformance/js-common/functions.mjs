@@ -14,7 +14,7 @@ import http from "node:http";
 const APP_ID = "conformance";
 
 export function startApp({ inngest: mod, serve, major }) {
-  const { Inngest, NonRetriableError, RetryAfterError } = mod;
+  const { Inngest, NonRetriableError, RetryAfterError, referenceFunction } = mod;
 
   const counters = {};
   const records = {};
@@ -286,6 +286,24 @@ export function startApp({ inngest: mod, serve, major }) {
     }),
   );
 
+  // invoke-missing: the target function does not exist; the server must fail the invoke
+  // step at once (upstream emits a finished event with an error) instead of waiting out
+  // the 60 s timeout.
+  add(
+    fn({ id: "invoke-missing", retries: 0 }, { event: "conf/invoke-missing" }, async ({ step }) => {
+      try {
+        await step.invoke("call-missing", {
+          function: referenceFunction({ functionId: "does-not-exist" }),
+          data: {},
+          timeout: "60s",
+        });
+        return { caught: false };
+      } catch (err) {
+        return { caught: true, name: err?.name ?? null, message: String(err?.message ?? err) };
+      }
+    }),
+  );
+
   // send-event: a step sends an event that triggers send-receiver.
   add(
     fn({ id: "send-event" }, { event: "conf/send-event" }, async ({ step, event }) => {
@@ -450,6 +468,57 @@ export function startApp({ inngest: mod, serve, major }) {
       });
       return [a, b];
     }),
+  );
+
+  // always-fails: the step fails on every attempt (retries 1 = 2 attempts); the handler
+  // then rethrows the memoised step error, which must not be retried at function level.
+  add(
+    fn({ id: "always-fails", retries: 1 }, { event: "conf/always-fails" }, async ({ step, runId }) => {
+      try {
+        await step.run("boom", () => {
+          bump("boom", runId);
+          throw new Error("boom");
+        });
+      } catch (err) {
+        bump("after-boom", runId);
+        throw err;
+      }
+      return "unreachable";
+    }),
+  );
+
+  // expr-trigger: only events whose data.type is "premium" start a run.
+  add(
+    fn({ id: "expr-trigger" }, { event: "conf/expr", if: "event.data.type == 'premium'" }, async ({ event }) => {
+      bump("expr-trigger");
+      return { type: event.data.type };
+    }),
+  );
+
+  // parallel-fail: two parallel steps both fail for good; one failure -> one onFailure.
+  add(
+    fn(
+      {
+        id: "parallel-fail",
+        retries: 0,
+        onFailure: async ({ event }) => {
+          bump("parallel-fail-onFailure");
+          record("parallel-fail-onFailure", event?.data?.run_id ?? null);
+        },
+      },
+      { event: "conf/parallel-fail" },
+      async ({ step, runId }) => {
+        await Promise.all(
+          ["step-a", "step-b"].map((id) =>
+            step.run(id, () => {
+              bump(id, runId);
+              throw new Error(`${id} failed`);
+            }),
+          ),
+        );
+        return "unreachable";
+      },
+    ),
   );
 
   // auth-probe: trivial function for the signing-key cases.

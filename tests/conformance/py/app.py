@@ -289,6 +289,17 @@ def invoke_timeout(ctx: inngest.ContextSync) -> dict:
     return {"caught": False}
 
 
+@add(fn_id="invoke-missing", retries=0, trigger=ev("conf/invoke-missing"))
+def invoke_missing(ctx: inngest.ContextSync) -> dict:
+    try:
+        ctx.step.invoke_by_id(
+            "call-missing", function_id="does-not-exist", data={}, timeout=datetime.timedelta(seconds=60)
+        )
+    except inngest.StepError as err:
+        return _caught(err)
+    return {"caught": False}
+
+
 @add(fn_id="send-event", trigger=ev("conf/send-event"))
 def send_event(ctx: inngest.ContextSync) -> dict:
     ids = ctx.step.send_event(
@@ -393,6 +404,47 @@ def no_checkpoint(ctx: inngest.ContextSync) -> list:
     a = ctx.step.run("first step", _counted("first step", ctx.run_id))
     b = ctx.step.run("second step", _counted("second step", ctx.run_id))
     return [a, b]
+
+
+@add(fn_id="always-fails", retries=1, trigger=ev("conf/always-fails"))
+def always_fails(ctx: inngest.ContextSync) -> str:
+    def boom() -> None:
+        bump("boom", ctx.run_id)
+        raise Exception("boom")
+
+    try:
+        ctx.step.run("boom", boom)
+    except inngest.StepError:
+        bump("after-boom", ctx.run_id)
+        raise
+    return "unreachable"
+
+
+@add(
+    fn_id="expr-trigger",
+    trigger=inngest.TriggerEvent(event="conf/expr", expression="event.data.type == 'premium'"),
+)
+def expr_trigger(ctx: inngest.ContextSync) -> dict:
+    bump("expr-trigger")
+    return {"type": ctx.event.data["type"]}
+
+
+def _parallel_fail_on_failure(ctx: inngest.ContextSync) -> None:
+    bump("parallel-fail-onFailure")
+    record("parallel-fail-onFailure", (ctx.event.data or {}).get("run_id"))
+
+
+@add(fn_id="parallel-fail", retries=0, on_failure=_parallel_fail_on_failure, trigger=ev("conf/parallel-fail"))
+def parallel_fail(ctx: inngest.ContextSync) -> str:
+    def failing(step_id: str):
+        def body() -> None:
+            bump(step_id, ctx.run_id)
+            raise Exception(f"{step_id} failed")
+
+        return body
+
+    ctx.group.parallel(tuple((lambda i=i: ctx.step.run(i, failing(i))) for i in ("step-a", "step-b")))
+    return "unreachable"
 
 
 @add(fn_id="auth-probe", retries=0, trigger=ev("conf/auth-probe"))
