@@ -232,13 +232,13 @@ async fn wait_for_event_matched_and_timed_out() {
     // Non-matching, then matching event (possibly racing the pause creation).
     ts.send(json!({"name": "test/resume", "data": {"id": 8}}))
         .await;
-    ts.send(json!({"name": "test/resume", "data": {"id": 7, "ok": true}}))
+    ts.send(json!({"name": "test/resume", "data": {"id": 7, "ok": true, "correlation_id": "user-field"}}))
         .await;
     let run = ts.finished(&run_id).await;
     assert_eq!(run["status"], "Completed", "{run}");
     assert_eq!(
         run["output"]["steps"]["w"]["data"],
-        json!({"id": 7, "ok": true})
+        json!({"id": 7, "ok": true, "correlation_id": "user-field"})
     );
     assert_eq!(run["output"]["steps"]["w"]["name"], "test/resume");
 

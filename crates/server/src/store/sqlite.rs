@@ -707,20 +707,25 @@ impl Store for SqliteStore {
                 for e in &extra_events {
                     insert_event(conn, e)?;
                 }
-                let correlation =
-                    event.event.pointer("/data/correlation_id").and_then(Value::as_str).map(str::to_string);
-                let pauses: Vec<Pause> = match &correlation {
-                    Some(c) => conn
+                // Only finish events resume invokes; a user event that happens to carry
+                // a correlation_id must still reach ordinary waits.
+                let correlation = (event.name == "inngest/function.finished")
+                    .then(|| event.event.pointer("/data/correlation_id").and_then(Value::as_str))
+                    .flatten()
+                    .map(str::to_string);
+                let mut pauses: Vec<Pause> = conn
+                    .prepare_cached(&format!(
+                        "SELECT {PAUSE_COLS} FROM pauses WHERE event_name=? AND since_seq<? AND correlation IS NULL"
+                    ))?
+                    .query_map(params![event.name, event.seq], row_pause)?
+                    .collect::<Result<_, _>>()?;
+                if let Some(c) = &correlation {
+                    let by_corr: Vec<Pause> = conn
                         .prepare_cached(&format!("SELECT {PAUSE_COLS} FROM pauses WHERE correlation=?"))?
                         .query_map([c], row_pause)?
-                        .collect::<Result<_, _>>()?,
-                    None => conn
-                        .prepare_cached(&format!(
-                            "SELECT {PAUSE_COLS} FROM pauses WHERE event_name=? AND since_seq<? AND correlation IS NULL"
-                        ))?
-                        .query_map(params![event.name, event.seq], row_pause)?
-                        .collect::<Result<_, _>>()?,
-                };
+                        .collect::<Result<_, _>>()?;
+                    pauses.extend(by_corr);
+                }
                 for p in pauses {
                     if p.event_name != event.name || p.expires_at < now {
                         continue;
