@@ -36,6 +36,7 @@ def main(path: str):
         rows[key][sdk] = status
     print("| case | js3 | js4 | py |")
     print("|---|---|---|---|")
+    order.sort(key=lambda k: k.split(":")[0])  # group by module; stable within one
     for key in order:
         r = rows[key]
         if "any" in r:
