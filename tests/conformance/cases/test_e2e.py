@@ -367,7 +367,7 @@ def test_cancel_on_event(sdk, make_stack):
     assert st.cairn.run(rid)["status"] == "Running", "a non-matching cancel event cancelled the run"
     st.send("conf/cancel-on.cancel", {"id": key})
     st.cairn.wait_status(rid, "Cancelled", timeout=10)
-    time.sleep(6)  # past the 5 s sleep: nothing may run any more
+    time.sleep(7)  # past the end of the 8 s sleep: nothing may run any more
     assert st.app.count("after-sleep", rid) == 0
     assert st.cairn.run(rid)["status"] == "Cancelled"
 
@@ -378,7 +378,7 @@ def test_cancel_by_api(sdk, make_stack):
     r = st.cairn.cancel(rid)
     assert 200 <= r.status_code < 300, f"DELETE /v1/runs/{rid} -> {r.status_code} {r.text}"
     st.cairn.wait_status(rid, "Cancelled", timeout=10)
-    time.sleep(6)
+    time.sleep(7)  # past the end of the 8 s sleep
     assert st.app.count("after-sleep", rid) == 0
     assert st.cairn.run(rid)["status"] == "Cancelled"
 

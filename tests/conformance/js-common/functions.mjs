@@ -335,7 +335,7 @@ export function startApp({ inngest: mod, serve, major }) {
           return "started";
         });
         bump("reached-sleep", runId);
-        await step.sleep("nap", "5s");
+        await step.sleep("nap", "8s");
         await step.run("after-sleep", () => {
           bump("after-sleep", runId);
           return "should not happen";

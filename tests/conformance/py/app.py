@@ -322,7 +322,7 @@ def send_receiver(ctx: inngest.ContextSync) -> dict:
 def cancel_on(ctx: inngest.ContextSync) -> str:
     ctx.step.run("start", lambda: (bump("start", ctx.run_id), "started")[1])
     bump("reached-sleep", ctx.run_id)
-    ctx.step.sleep("nap", datetime.timedelta(seconds=5))
+    ctx.step.sleep("nap", datetime.timedelta(seconds=8))
     ctx.step.run("after-sleep", lambda: (bump("after-sleep", ctx.run_id), "should not happen")[1])
     return "not cancelled"
 
