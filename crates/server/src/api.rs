@@ -512,9 +512,14 @@ async fn checkpoint_async(State(engine): S, Path(id): Path<String>, body: Bytes)
         Ok(_) => return bad("run not found or not running".into()),
         Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+    let dispatch = req
+        .qi_id
+        .as_deref()
+        .and_then(crate::executor::parse_dispatch_ref);
     let mut apply = crate::store::Apply {
         run_id: id.clone(),
-        reset_attempt: req.qi_id.clone(),
+        reset_attempt: dispatch.as_ref().map(|(item, _)| item.clone()),
+        dispatch,
         ..Default::default()
     };
     for op in &req.steps {
@@ -540,6 +545,15 @@ async fn checkpoint_async(State(engine): S, Path(id): Path<String>, body: Bytes)
         .await
     {
         Ok(()) => StatusCode::OK.into_response(),
+        // The server already gave up on the call that sent this (timeout, retry).
+        Err(crate::store::StoreError::LeaseLost(_)) => (
+            StatusCode::CONFLICT,
+            Json(
+                json!({"error": "stale dispatch: this call was already retried or finished",
+                        "data": {"run_id": id}, "status": 409}),
+            ),
+        )
+            .into_response(),
         Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

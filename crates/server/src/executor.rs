@@ -597,7 +597,7 @@ async fn call(
         item.attempt,
         max_attempts,
         predecessor.as_deref(),
-        &item.id,
+        &dispatch_ref(item),
     );
     let url = call_url(&base_url, &run.fn_slug, &step_id)?;
     let outcome = send(engine, url, body, &run.run_id, &step_id, run.version).await;
@@ -896,6 +896,18 @@ fn sleep_until(spec: &str, now: i64) -> Result<i64, String> {
         return Err(format!("sleep {spec:?} is longer than 366 days"));
     }
     Ok(at)
+}
+
+/// `ctx.qi_id`: the queue item plus the instant it became due, which changes on
+/// every retry, so checkpoints from an abandoned dispatch can be told apart.
+pub fn dispatch_ref(item: &QueueItem) -> String {
+    format!("{}@{}", item.id, item.available_at)
+}
+
+/// Inverse of [`dispatch_ref`].
+pub fn parse_dispatch_ref(qi_id: &str) -> Option<(String, i64)> {
+    let (id, at) = qi_id.rsplit_once('@')?;
+    Some((id.to_string(), at.parse().ok()?))
 }
 
 /// A stable UUID-shaped id for a function slug (`ctx.fn_id`).

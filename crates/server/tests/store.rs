@@ -327,3 +327,32 @@ async fn prune_deletes_only_old_finished_history() {
         "unprocessed events are kept"
     );
 }
+
+#[tokio::test]
+async fn writes_from_a_superseded_dispatch_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let run = make_run(&store, "RUN9").await;
+    let item = format!("{run}:start");
+    let stale = Apply {
+        run_id: run.clone(),
+        dispatch: Some((item.clone(), 12345)),
+        memos: vec![("x".into(), json!({"data": 1}))],
+        ..Default::default()
+    };
+    assert!(matches!(
+        store.apply(stale, matcher(), 5).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    let current = Apply {
+        run_id: run.clone(),
+        dispatch: Some((item, 0)),
+        memos: vec![("x".into(), json!({"data": 2}))],
+        ..Default::default()
+    };
+    store.apply(current, matcher(), 5).await.unwrap();
+    assert_eq!(
+        store.steps(&run).await.unwrap(),
+        vec![("x".to_string(), json!({"data": 2}))]
+    );
+}

@@ -330,6 +330,9 @@ pub struct Apply {
     pub finish: Option<Finish>,
     /// Reset this queue item's attempt counter (a checkpoint proved progress).
     pub reset_attempt: Option<String>,
+    /// Apply only if this queue item still exists with this `available_at`,
+    /// i.e. the dispatch that sent the data is still the current one.
+    pub dispatch: Option<(String, i64)>,
 }
 
 /// Durable state behind Cairn. See the module docs.

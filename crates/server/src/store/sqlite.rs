@@ -545,6 +545,17 @@ fn apply_inner(
             return Err(StoreError::LeaseLost(id.clone()));
         }
     }
+    if let Some((id, at)) = &a.dispatch {
+        let current: Option<i64> = conn
+            .prepare_cached("SELECT available_at FROM queue WHERE id=?")
+            .map_err(be)?
+            .query_row([id], |r| r.get(0))
+            .optional()
+            .map_err(be)?;
+        if current != Some(*at) {
+            return Err(StoreError::LeaseLost(id.clone()));
+        }
+    }
     let run = load_run(conn, &a.run_id).map_err(be)?;
     let running = run
         .as_ref()
