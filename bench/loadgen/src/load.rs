@@ -69,7 +69,7 @@ impl Pacer {
     }
     fn record(&self, d: Duration) {
         let old = self.ewma_us.load(Ordering::Relaxed) as f64;
-        let new = old * 0.9 + d.as_micros() as f64 * 0.1;
+        let new = old * 0.8 + d.as_micros() as f64 * 0.2;
         self.ewma_us.store(new as u64, Ordering::Relaxed);
     }
 }
@@ -94,7 +94,7 @@ pub async fn drive(
 ) -> Outcome {
     let next = Arc::new(AtomicUsize::new(0));
     let pacer = Arc::new(Pacer {
-        ewma_us: AtomicU64::new(20_000),
+        ewma_us: AtomicU64::new(5_000),
     });
     let start = Instant::now();
     let deadline = start + budget;
@@ -191,9 +191,9 @@ async fn one_run(
 }
 
 /// Sends one event, then polls the run until it is `Completed`. Polls are paced by the
-/// recent latency (first after ~60 % of it, then every eighth of it, 0.5–20 ms) so that
-/// polling stays a small share of the server's work; the reported latency comes from the
-/// server's own `ended_at`, so the polling interval does not blur it.
+/// recent (server-measured) latency: first after 70 % of it, then every tenth of it
+/// (0.3–20 ms), so that polling stays a small share of the server's work; the reported
+/// latency comes from the server's own `ended_at`, so the polling interval does not blur it.
 async fn cairn_run(
     http: &reqwest::Client,
     base: &str,
@@ -218,8 +218,8 @@ async fn cairn_run(
         .ok_or_else(|| anyhow!("no event id in {v}"))?
         .to_string();
     let est = pacer.estimate();
-    let step = (est / 8).clamp(Duration::from_micros(500), Duration::from_millis(20));
-    let mut wait = (est * 6 / 10).clamp(Duration::from_micros(500), Duration::from_millis(200));
+    let step = (est / 10).clamp(Duration::from_micros(300), Duration::from_millis(20));
+    let mut wait = (est * 7 / 10).clamp(Duration::from_micros(300), Duration::from_millis(500));
     let mut run_id: Option<String> = None;
     let mut polls = 0u32;
     let give_up = (accepted + RUN_TIMEOUT).min(deadline + Duration::from_secs(30));
@@ -255,14 +255,13 @@ async fn cairn_run(
         };
         match run["status"].as_str() {
             Some("Completed") => {
-                let observed = accepted.elapsed();
-                pacer.record(observed);
-                let observed_ms = observed.as_secs_f64() * 1000.0;
+                let observed_ms = accepted.elapsed().as_secs_f64() * 1000.0;
                 let latency_ms = run["ended_at"]
                     .as_str()
                     .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
                     .map(|t| (t.timestamp_micros() as f64 / 1000.0 - accepted_wall).max(0.0))
                     .unwrap_or(observed_ms);
+                pacer.record(Duration::from_secs_f64(latency_ms / 1000.0));
                 return Ok(Sample {
                     latency_ms,
                     observed_ms,

@@ -253,9 +253,13 @@ fn machine_description() -> String {
         .map(|kib| kib as f64 / 1048576.0)
         .unwrap_or(0.0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    let rev = std::env::var("BENCH_CAIRN_REV").unwrap_or_else(|_| "unknown".into());
     format!(
-        "Machine: {cpu}, {cores} cores, {mem:.1} GiB RAM, Linux {}\n",
-        kernel.trim()
+        "Machine: {cpu}, {cores} cores, {mem:.1} GiB RAM, Linux {}; load average at start {}; Cairn at {rev}\n",
+        kernel.trim(),
+        load.join(" ")
     )
 }
 
@@ -663,7 +667,11 @@ struct LeakResult {
     size_bytes: usize,
     baseline_bytes: f64,
     end_bytes: f64,
+    /// Least-squares slope of the heap over runs (robust to one-off steps such as a pool
+    /// growing its buffers).
     retained_bytes_per_run: f64,
+    /// (heap at end − heap at start) / runs, as in the reference measurement.
+    end_minus_start_per_run: f64,
     app_rss_start_mib: f64,
     app_rss_end_mib: f64,
     series: Vec<(usize, f64)>,
@@ -701,8 +709,9 @@ async fn leak(paths: &Paths, smoke: bool, a: &LeakArgs) -> Result<String> {
         let mut stack =
             systems::start_cairn(paths, kind, &format!("leak-{}", kind.app_id()), 4).await?;
         let budget = Duration::from_secs(if smoke { 60 } else { 1800 });
-        // Warm-up: lazily loaded code, JIT, pools.
-        let w = drive(&stack.http, &stack.driver, size, 10, 2, budget, None).await;
+        // Warm-up at the measured concurrency: lazily loaded code, JIT, connection pools and
+        // their buffers (which otherwise show up as one-off steps in the first samples).
+        let w = drive(&stack.http, &stack.driver, size, 20, 4, budget, None).await;
         if w.samples.is_empty() {
             bail!("{}: warm-up failed: {:?}", kind.label(), w.first_error);
         }
@@ -729,7 +738,13 @@ async fn leak(paths: &Paths, smoke: bool, a: &LeakArgs) -> Result<String> {
             size_bytes: size,
             baseline_bytes: base,
             end_bytes: end,
-            retained_bytes_per_run: (end - base) / done.max(1) as f64,
+            retained_bytes_per_run: slope_bytes_per_run(
+                &series
+                    .iter()
+                    .map(|&(x, y)| (x as f64, y / 1048576.0))
+                    .collect::<Vec<_>>(),
+            ),
+            end_minus_start_per_run: (end - base) / done.max(1) as f64,
             app_rss_start_mib: rss0,
             app_rss_end_mib: rss1,
             series,
@@ -743,25 +758,18 @@ async fn leak(paths: &Paths, smoke: bool, a: &LeakArgs) -> Result<String> {
         results.push(r);
     }
     let mut md = format!(
-        "## The founding leak, compared\n\nEach app keeps every `ctx` it is handed in a global list (the inngest-js#1440 pattern); {runs} runs of the founding function driven by Cairn, `collect-data` = {} KiB.\n\n| app | measure | heap before MiB | heap after MiB | retained per run | app RSS before → after MiB |\n|---|---|---:|---:|---:|---:|\n",
+        "## The founding leak, compared\n\nEach app keeps every `ctx` it is handed in a global list (the inngest-js#1440 pattern); 20 warm-up runs, then {runs} runs of the founding function driven by Cairn at C=4, `collect-data` = {} KiB. Retained per run: least-squares slope of the heap over runs (and (end − start) / runs).\n\n| app | measure | heap before MiB | heap after MiB | retained per run | (end − start) / runs | app RSS before → after MiB |\n|---|---|---:|---:|---:|---:|---:|\n",
         size / 1024
     );
     for r in &results {
-        let per = r.retained_bytes_per_run;
-        let per_s = if per.abs() >= 1048576.0 {
-            format!("{:.2} MiB", per / 1048576.0)
-        } else if per.abs() >= 1024.0 {
-            format!("{:.1} KiB", per / 1024.0)
-        } else {
-            format!("{per:.0} B")
-        };
         md.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {} | {:.0} → {:.0} |\n",
+            "| {} | {} | {:.1} | {:.1} | {} | {} | {:.0} → {:.0} |\n",
             r.system,
             r.measure,
             r.baseline_bytes / 1048576.0,
             r.end_bytes / 1048576.0,
-            per_s,
+            human_bytes(r.retained_bytes_per_run),
+            human_bytes(r.end_minus_start_per_run),
             r.app_rss_start_mib,
             r.app_rss_end_mib
         ));
@@ -783,6 +791,16 @@ async fn leak(paths: &Paths, smoke: bool, a: &LeakArgs) -> Result<String> {
         &json!({ "machine": machine_description().trim(), "smoke": smoke, "results": results }),
     )?;
     Ok(md)
+}
+
+fn human_bytes(b: f64) -> String {
+    if b.abs() >= 1048576.0 {
+        format!("{:.2} MiB", b / 1048576.0)
+    } else if b.abs() >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{b:.0} B")
+    }
 }
 
 // ---------------------------------------------------------------------------------------

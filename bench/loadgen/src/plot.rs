@@ -56,6 +56,8 @@ pub fn soak_png(path: &Path, series: &[(f64, f64, f64)], warmup: f64, title: &st
             .configure_mesh()
             .x_desc("runs completed")
             .y_desc("RSS (MiB)")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .label_style(("sans-serif", 15))
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
@@ -67,11 +69,11 @@ pub fn soak_png(path: &Path, series: &[(f64, f64, f64)], warmup: f64, title: &st
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
     }
-    // Warm-up boundary.
+    // Warm-up boundary: the slope is fitted to the right of it.
     chart
         .draw_series(LineSeries::new(
             [(warmup, 0.0), (warmup, ymax)],
-            RGBColor(170, 170, 170).stroke_width(1),
+            RGBColor(90, 90, 90).stroke_width(2),
         ))
         .map_err(|e| anyhow!("{e}"))?;
     let server = chart
