@@ -10,7 +10,4 @@ KNOWN_FAILURES: dict[tuple[str, str | None], str] = {
         "server: batchEvents is ignored; each event starts its own run (events=[1 event])",
     ("test_big_batch_uses_api", None):
         "server: batchEvents is ignored, so no batch is large enough to need use_api",
-    ("test_call_timeout_mid_request", "js4"):
-        "server: no stale-dispatch detection; checkpoints from a call it already abandoned "
-        "(call timeout, retried) are accepted with 200, never 409",
 }
