@@ -593,3 +593,25 @@ def test_invoked_run_event(sdk, make_stack):
     assert ev["data"]["n"] == 21
     meta = ev["data"].get("_inngest") or {}
     assert meta.get("correlation_id", "").endswith("." + H("call-child")), meta
+
+
+def test_sync_url_flag_app_started_later(sdk, procs, tmp_path):
+    """`cairn dev -u <url>` before the app is up (the usual order when both start together):
+    like `inngest dev`, which re-pings a listed app while it is in an error state
+    (protocol §4.1), cairn must keep trying and sync the app once it listens."""
+    app_port = free_port()
+    cairn = Cairn(tmp_path, sync_urls=[f"http://127.0.0.1:{app_port}/api/inngest"])
+    procs.append(cairn)
+    time.sleep(2)  # cairn's first attempt fails: nothing listens yet
+    app = App(sdk, tmp_path, dev_env(cairn.url), port=app_port)
+    procs.append(app)
+    eid = None
+
+    def synced():
+        nonlocal eid
+        eid = cairn.send_one("conf/serial")
+        time.sleep(1)
+        return bool(cairn.runs_for_event(eid))
+
+    wait_until(synced, 20, interval=0.5, what="cairn to sync an app that came up after it")
+    completed(cairn.finish(eid))

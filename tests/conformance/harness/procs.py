@@ -79,9 +79,9 @@ class Proc:
 class App:
     """One SDK's fixture app (js3/, js4/ or py/), listening on PORT, serving /api/inngest."""
 
-    def __init__(self, sdk: str, log_dir: Path, env: dict, name: str | None = None):
+    def __init__(self, sdk: str, log_dir: Path, env: dict, name: str | None = None, port: int | None = None):
         self.sdk = sdk
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/api/inngest"
         self.origin = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("INNGEST_")}
