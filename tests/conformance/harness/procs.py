@@ -43,6 +43,14 @@ def wait_until(pred, timeout: float, interval: float = 0.1, what: str = "conditi
         time.sleep(interval)
 
 
+class PortClash(Exception):
+    """A child could not bind its port (taken between free_port() and its bind)."""
+
+
+def port_clash(log: str) -> bool:
+    return any(w in log for w in ("EADDRINUSE", "Address already in use", "AddrInUse"))
+
+
 class Proc:
     """A child process whose output goes to a log file that failing tests print."""
 
@@ -81,25 +89,38 @@ class App:
 
     def __init__(self, sdk: str, log_dir: Path, env: dict, name: str | None = None, port: int | None = None):
         self.sdk = sdk
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api/inngest"
-        self.origin = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("INNGEST_")}
         full_env.update(env)
-        full_env["PORT"] = str(self.port)
         if sdk == "py":
             argv = [sys.executable, str(ROOT / "py" / "app.py")]
             cwd = ROOT / "py"
         else:
             argv = ["node", str(ROOT / sdk / "app.mjs")]
             cwd = ROOT / sdk
-        self.proc = Proc(name or f"app-{sdk}", argv, cwd, full_env, log_dir)
-        self._wait_ready()
+        # free_port() can race with other parallel cases: on a port clash, take another one
+        # (unless the caller fixed the port).
+        for attempt in range(4):
+            self.port = port or free_port()
+            self.url = f"http://127.0.0.1:{self.port}/api/inngest"
+            self.origin = f"http://127.0.0.1:{self.port}"
+            full_env["PORT"] = str(self.port)
+            self.proc = Proc((name or f"app-{sdk}") + (f"-{attempt}" if attempt else ""), argv, cwd,
+                             full_env, log_dir)
+            try:
+                self._wait_ready()
+                return
+            except PortClash:
+                if port:
+                    raise
+        raise AssertionError(f"{sdk} app: no free port after 4 tries")
 
     def _wait_ready(self):
         def up():
             if not self.proc.alive():
-                raise AssertionError(f"{self.sdk} app exited early:\n{self.proc.log_tail()}")
+                tail = self.proc.log_tail()
+                if port_clash(tail):
+                    raise PortClash(tail)
+                raise AssertionError(f"{self.sdk} app exited early:\n{tail}")
             return httpx.get(self.origin + "/counters", timeout=2).status_code == 200
 
         wait_until(up, 30, what=f"{self.sdk} fixture app to listen")
@@ -191,16 +212,31 @@ class Cairn:
         argv += extra_args or []
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
-        self.proc = Proc(name, argv, self.data_dir, env, log_dir)
-        self.http = httpx.Client(base_url=self.url, timeout=30, headers=self._auth())
+        self.http = httpx.Client(timeout=30, headers=self._auth())
+        for attempt in range(4):
+            self.proc = Proc(name + (f"-{attempt}" if attempt else ""), argv, self.data_dir, env, log_dir)
 
-        def up():
-            if not self.proc.alive():
-                raise AssertionError(f"cairn exited early ({argv}):\n{self.proc.log_tail()}")
-            httpx.get(self.url + "/", timeout=2)
-            return True
+            def up():
+                if not self.proc.alive():
+                    tail = self.proc.log_tail()
+                    if port_clash(tail):
+                        raise PortClash(tail)
+                    raise AssertionError(f"cairn exited early ({argv}):\n{tail}")
+                httpx.get(self.url + "/", timeout=2)
+                return True
 
-        wait_until(up, 30, what="cairn to listen")
+            try:
+                wait_until(up, 30, what="cairn to listen")
+                break
+            except PortClash:
+                if port:  # the caller chose the port: a clash is its problem to report
+                    raise
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+                argv[argv.index("--port") + 1] = str(self.port)
+        else:
+            raise AssertionError("cairn: no free port after 4 tries")
+        self.http.base_url = self.url
 
     def _auth(self) -> dict:
         if self.mode == "start":
