@@ -27,6 +27,10 @@ pub struct SqliteStore {
     path: PathBuf,
     tx: std::sync::mpsc::Sender<Job>,
     readers: Mutex<Vec<Connection>>,
+    /// Bounds the open reader connections: a reader beyond it waits for one to come back
+    /// instead of opening (and later dropping) its own, which re-parsed the schema and
+    /// re-prepared statements on every read and left a blocking thread per waiting read.
+    reader_slots: tokio::sync::Semaphore,
     stats: Arc<WriterStats>,
 }
 
@@ -79,6 +83,9 @@ CREATE TABLE cron(
   fn_slug TEXT NOT NULL, schedule TEXT NOT NULL, last_tick INTEGER NOT NULL,
   PRIMARY KEY(fn_slug, schedule));
 "#;
+
+/// Reader connections kept open: enough to overlap reads with the writer on a few cores.
+const READERS: usize = 4;
 
 fn be(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -167,6 +174,7 @@ impl SqliteStore {
             path,
             tx,
             readers: Mutex::new(Vec::new()),
+            reader_slots: tokio::sync::Semaphore::new(READERS),
             stats,
         })
     }
@@ -204,6 +212,12 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> StoreResult<R> {
+        let _slot = self
+            .reader_slots
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Backend("store closed".into()))?;
+        // Holding a slot guarantees an idle connection or room to open one.
         let conn = match self.readers.lock().pop() {
             Some(c) => c,
             None => open_conn(&self.path)?,
@@ -214,11 +228,7 @@ impl SqliteStore {
         })
         .await
         .map_err(be)?;
-        let mut pool = self.readers.lock();
-        // A handful of idle readers is enough for two cores; drop the rest.
-        if pool.len() < 8 {
-            pool.push(conn);
-        }
+        self.readers.lock().push(conn);
         res.map_err(be)
     }
 }
