@@ -110,25 +110,27 @@ fn apply_common(cfg: &mut Config, c: &Common) {
     cfg.retention = Duration::from_secs(c.retention_days.max(1) * 24 * 3600);
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or SIGINT. Created before the server starts so that a
+/// signal arriving during start-up is caught rather than killing the process.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -158,6 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             (cfg, open_store(&a.database_url)?, Vec::new())
         }
     };
+    let signal = shutdown_signal()?;
     let server = Server::start(config, store).await?;
     let api = format!("http://{}", server.addr());
     println!("cairn listening on {api}");
@@ -169,7 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Err(e) => eprintln!("  sync failed: {url}: {e:#}"),
         }
     }
-    wait_for_signal().await;
+    signal.await;
     println!("shutting down");
     server.shutdown().await;
     Ok(())
