@@ -144,7 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let Some(key) = a.signing_key.filter(|k| !k.is_empty()) else {
                 bail!("cairn start requires --signing-key (or CAIRN_SIGNING_KEY)");
             };
-            let hex_part = cairn_protocol_strip(&key);
+            let hex_part = cairn_protocol::signature::strip_key_prefix(&key);
             if hex_part.is_empty()
                 || !hex_part.len().is_multiple_of(2)
                 || !hex_part.chars().all(|c| c.is_ascii_hexdigit())
@@ -166,11 +166,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     println!("cairn listening on {api}");
     println!("  event API:  {api}/e/{{key}}");
     println!("  sync:       {api}/fn/register");
-    for url in &sync_urls {
-        match server.sync_url(url).await {
-            Ok(_) => println!("  synced app: {url}"),
-            Err(e) => eprintln!("  sync failed: {url}: {e:#}"),
-        }
+    for url in sync_urls {
+        tokio::spawn(keep_syncing(server.engine().clone(), url));
     }
     signal.await;
     println!("shutting down");
@@ -178,11 +175,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The hex part of a signing key (prefix `signkey-<env>-` removed).
-fn cairn_protocol_strip(key: &str) -> &str {
-    match key.strip_prefix("signkey-") {
-        Some(rest) => rest.split_once('-').map(|(_, hex)| hex).unwrap_or(rest),
-        None => key,
+/// How often `cairn dev` re-tries the sync of an app that did not answer.
+const SYNC_RETRY: Duration = Duration::from_secs(2);
+
+/// Syncs an app given with `-u`, re-trying until it answers: apps are often started after
+/// the dev server, and the Inngest dev server keeps pinging apps in an error state too.
+async fn keep_syncing(engine: Arc<cairn_server::Engine>, url: String) {
+    let mut reported = false;
+    loop {
+        match cairn_server::api::ping_app(&engine, &url).await {
+            Ok(_) => {
+                println!("  synced app: {url}");
+                return;
+            }
+            Err(e) if !reported => {
+                eprintln!(
+                    "  sync failed: {url}: {e:#} (re-trying every {}s)",
+                    SYNC_RETRY.as_secs()
+                );
+                reported = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(SYNC_RETRY).await;
     }
 }
 

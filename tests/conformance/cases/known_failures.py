@@ -10,7 +10,4 @@ KNOWN_FAILURES: dict[tuple[str, str | None], str] = {
         "server: batchEvents is ignored; each event starts its own run (events=[1 event])",
     ("test_big_batch_uses_api", None):
         "server: batchEvents is ignored, so no batch is large enough to need use_api",
-    ("test_sync_url_flag_app_started_later", None):
-        "server: cairn dev -u tries the sync PUT once at start-up; an app that is not up yet "
-        "is never synced (inngest dev re-pings apps in an error state)",
 }
