@@ -229,6 +229,15 @@ impl Cairn {
     }
 }
 
+/// GETs a URL and parses its JSON body; `Null` when the server is unreachable or the body is
+/// not JSON, so pollers can simply try again.
+pub async fn get_json(url: &str) -> Value {
+    match http().get(url).send().await {
+        Ok(res) => res.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
 /// A shared HTTP client.
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{free_port, http, App, Cairn};
-use serde_json::{json, Value};
+use cairn_e2e::{free_port, get_json, App, Cairn};
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_workflow_uses_every_step_tool() {
@@ -52,14 +52,7 @@ async fn order_workflow_uses_every_step_tool() {
         .expect("send_event returned an id");
 
     // The sent event is stored under the id the step returned.
-    let ev: Value = http()
-        .get(format!("{}/v1/events/{sent}", cairn.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ev = get_json(&format!("{}/v1/events/{sent}", cairn.url)).await;
     assert_eq!(ev["data"]["name"], "shop/order.fulfilled", "{ev}");
     assert_eq!(ev["data"]["data"]["total_cents"], 275);
     app.proc.assert_running();
@@ -69,23 +62,9 @@ async fn order_workflow_uses_every_step_tool() {
 async fn wait_for_waiting_run(cairn: &Cairn, event_id: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let body: Value = http()
-            .get(format!("{}/v1/events/{event_id}/runs", cairn.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = get_json(&format!("{}/v1/events/{event_id}/runs", cairn.url)).await;
         if let Some(run_id) = body["data"][0]["run_id"].as_str() {
-            let actions: Value = http()
-                .get(format!("{}/v0/runs/{run_id}/actions", cairn.url))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap_or(Value::Null);
+            let actions = get_json(&format!("{}/v0/runs/{run_id}/actions", cairn.url)).await;
             // reserve-stock, two labels and two invokes are memoised before the wait.
             if actions.as_object().is_some_and(|m| m.len() >= 5) {
                 return;
