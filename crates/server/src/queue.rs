@@ -15,6 +15,29 @@ use tokio::sync::Semaphore;
 /// Most items claimed in one round trip.
 const CLAIM_BATCH: usize = 64;
 
+/// Marks a queue item as being handled here, so its lease is renewed; the mark goes when the
+/// guard drops, also when the handling task panics or is cancelled.
+struct InFlight {
+    set: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl InFlight {
+    fn enter(set: &Arc<Mutex<HashSet<String>>>, id: &str) -> InFlight {
+        set.lock().insert(id.to_string());
+        InFlight {
+            set: set.clone(),
+            id: id.to_string(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.id);
+    }
+}
+
 /// Run the worker loop until shutdown, then wait for in-flight items.
 pub async fn run_workers(engine: Arc<Engine>) {
     let sem = Arc::new(Semaphore::new(engine.config.max_concurrency));
@@ -44,12 +67,11 @@ pub async fn run_workers(engine: Arc<Engine>) {
                         let Ok(permit) = sem.clone().acquire_owned().await else {
                             break;
                         };
-                        inflight.lock().insert(item.id.clone());
-                        let (engine, inflight) = (engine.clone(), inflight.clone());
+                        let guard = InFlight::enter(&inflight, &item.id);
+                        let engine = engine.clone();
                         tokio::spawn(async move {
-                            let id = item.id.clone();
                             crate::executor::handle(engine.clone(), item).await;
-                            inflight.lock().remove(&id);
+                            drop(guard);
                             drop(permit);
                             engine.queue_wake.notify_one();
                         });
