@@ -455,6 +455,9 @@ def test_sync_in_band(sdk, procs, tmp_path):
         f"server's sync PUT did not ask for in-band: {puts[0].headers}"
     if sdk != "py":
         assert puts[0].status == 200 and puts[0].resp_headers.get("x-inngest-sync-kind") == "in_band"
+    # The proxy records the PUT's answer before Cairn has stored the config it carries; an
+    # event sent in between rightly matches nothing, so wait for the functions to be known.
+    wait_until(cairn.synced_functions, 20, what="the synced functions")
     completed(cairn.finish(cairn.send_one("conf/serial")))
 
 

@@ -254,6 +254,14 @@ class Cairn:
     def send_one(self, name: str, data: dict | None = None, **extra) -> str:
         return self.send({"name": name, "data": data or {}, **extra})[0]
 
+    def synced_functions(self, app: str = wire.APP_ID) -> list:
+        """The functions Cairn knows for `app` (empty until its sync has been stored)."""
+        r = self.http.get(f"/v1/apps/{app}/functions", headers=self._auth())
+        if r.status_code != 200:
+            return []
+        data = r.json().get("data")
+        return data if isinstance(data, list) else []
+
     # -- runs -----------------------------------------------------------------------------
     def runs_for_event(self, event_id: str) -> list[dict]:
         r = self.http.get(f"/v1/events/{event_id}/runs")
