@@ -102,26 +102,8 @@ async fn start_mode_enforces_keys_and_signs_calls() {
         .unwrap()
         .to_string();
 
-    let mut status = Value::Null;
-    for _ in 0..200 {
-        let v: Value = http
-            .get(format!("{base}/v1/events/{id}/runs"))
-            .header("authorization", &bearer)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if let Some(r) = v["data"].as_array().and_then(|a| a.first()) {
-            if r["status"] != "Running" {
-                status = r["status"].clone();
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(status, "Completed");
+    let run = ended_run(&http, &base, &bearer, &id).await;
+    assert_eq!(run["status"], "Completed");
     assert_eq!(app.counters.lock().bad_signatures, 0);
 
     // An app holding a different key refuses every call; the run fails saying why.
@@ -150,25 +132,7 @@ async fn start_mode_enforces_keys_and_signs_calls() {
         .as_str()
         .unwrap()
         .to_string();
-    let mut run = Value::Null;
-    for _ in 0..200 {
-        let v: Value = http
-            .get(format!("{base}/v1/events/{id}/runs"))
-            .header("authorization", &bearer)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if let Some(r) = v["data"].as_array().and_then(|a| a.first()) {
-            if r["status"] != "Running" {
-                run = r.clone();
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let run = ended_run(&http, &base, &bearer, &id).await;
     assert_eq!(run["status"], "Failed");
     assert!(
         run["output"]["message"].as_str().unwrap().contains("401"),
@@ -372,4 +336,27 @@ async fn invoke_api_and_metrics() {
     ] {
         assert!(text.contains(name), "metric {name} missing:\n{text}");
     }
+}
+
+/// Polls the first run of an event through the authenticated API until it is no longer
+/// `Running` (about five seconds at most); `Null` if it never ends.
+async fn ended_run(http: &reqwest::Client, base: &str, bearer: &str, id: &str) -> Value {
+    for _ in 0..200 {
+        let v: Value = http
+            .get(format!("{base}/v1/events/{id}/runs"))
+            .header("authorization", bearer)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(r) = v["data"].as_array().and_then(|a| a.first()) {
+            if r["status"] != "Running" {
+                return r.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Value::Null
 }
