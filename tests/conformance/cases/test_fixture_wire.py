@@ -70,7 +70,7 @@ def test_introspection_unsigned(sdk, capp):
         assert resp.status_code == 200
         body = resp.json()
         assert body["mode"] == "cloud" and body["has_signing_key"] is True
-        assert body["function_count"] == 37  # 35 functions + 2 onFailure handlers
+        assert body["function_count"] == 64  # 62 functions + 2 onFailure handlers
     else:
         # 4.x and py 0.5.19 refuse unsigned introspection in cloud mode with 401
         # {"message":"Unauthorized"}, and strip x-inngest-sdk (only x-inngest-sdk-handled stays).
@@ -399,3 +399,100 @@ def test_cron_trigger_passthrough(sdk, procs, tmp_path):
         assert tick["triggers"] == [{"cron": "*/2 * * * * *"}]
     finally:
         fake.stop()
+
+
+# ---- flow control in the sync body (protocol §4.4) ----------------------------------------
+
+FLOW_KEYS = ("concurrency", "throttle", "rateLimit", "debounce", "batchEvents", "priority",
+             "idempotency", "singleton")
+
+
+def expected_flow(sdk: str) -> dict[str, dict]:
+    """The flow-control fields each flow fixture function must carry in the register body.
+
+    Same values in every SDK except where the SDK cannot say it the same way: Python's
+    `concurrency` is always a list (JS also has the bare number and the single object), and
+    Python writes durations in the largest whole unit (24 h -> "1d")."""
+    js = sdk != "py"
+    day = "24h" if js else "1d"
+    rl_day = {"limit": 1, "period": day, "key": "event.data.number"}
+    acct = {"concurrency": [{"limit": 1, "scope": "account", "key": "'global'"}]}
+    return {
+        "flow-conc-fn": {"concurrency": 1 if js else [{"limit": 1}]},
+        "flow-conc-key": {"concurrency": {"limit": 1, "key": "event.data.num"} if js
+                          else [{"limit": 1, "key": "event.data.num"}]},
+        "flow-conc-key-fn": {"concurrency": [{"limit": 2}, {"limit": 1, "key": "event.data.num"}]},
+        "flow-conc-acct-a": acct,
+        "flow-conc-acct-b": acct,
+        "flow-throttle-b0": {"throttle": {"limit": 1, "period": "2s", "burst": 0}},
+        "flow-throttle-b1": {"throttle": {"limit": 1, "period": "4s", "burst": 1}},
+        "flow-throttle-key": {"throttle": {"key": "event.data.id", "limit": 1, "period": "6s", "burst": 0}},
+        "flow-rate-limit": {"rateLimit": rl_day},
+        "flow-rl-failed": {"rateLimit": rl_day},
+        "flow-rl-failed-handler": {"rateLimit": rl_day},
+        "flow-rl-invokee": {"rateLimit": {"limit": 1, "period": "1m"}},
+        "flow-idempotency": {"idempotency": "event.data.order"},
+        "flow-debounce": {"debounce": {"key": "event.data.name", "period": "2s"}},
+        "flow-debounce-ts": {"debounce": {"period": "2s"}},
+        "flow-debounce-timeout": {"debounce": {"period": "2s", "timeout": "4s"}},
+        "flow-priority": {"concurrency": [{"limit": 1}],
+                          "priority": {"run": "event.data.priority == 'high' ? 5 : 0"}},
+        "flow-singleton-skip": {"singleton": {"key": "event.data.user.id", "mode": "skip"}},
+        "flow-singleton-cancel": {"singleton": {"key": "event.data.user.id", "mode": "cancel"}},
+        "flow-singleton-skip-nokey": {"singleton": {"mode": "skip"}},
+        "flow-singleton-cancel-nokey": {"singleton": {"mode": "cancel"}},
+        "flow-batch": {"batchEvents": {"maxSize": 5, "timeout": "5s"}},
+        "flow-batch-if": {"batchEvents": {"maxSize": 5, "timeout": "5s", "if": "int(event.data.num) % 2 == 0"}},
+        "flow-batch-key": {"batchEvents": {"maxSize": 3, "timeout": "5s", "key": "event.data.userId"}},
+        # No flow control: the lifecycle handlers and the invoker.
+        "flow-singleton-cancelled": {},
+        "flow-singleton-finished": {},
+        "flow-rl-invoker": {},
+    }
+
+
+def test_flow_config_sync_body(sdk, capp):
+    """Each SDK's register body carries the flow-control config exactly (no extra fields)."""
+    assert capp.app.put_sync().status_code == 200
+    body = capp.fake.find("POST", "/fn/register")[-1].json()
+    got = {f["id"]: f for f in body["functions"]}
+    want = expected_flow(sdk)
+    flow_ids = {i for i in got if i.startswith(wire.fn_slug("flow-"))}
+    assert flow_ids == {wire.fn_slug(i) for i in want}, sorted(flow_ids ^ {wire.fn_slug(i) for i in want})
+    for fid, flow in want.items():
+        f = got[wire.fn_slug(fid)]
+        have = {k: f[k] for k in FLOW_KEYS if f.get(k) not in (None, [], {})}
+        assert have == flow, f"{fid}: {have} != {flow}"
+    # Triggers of the functions on lifecycle events (the expressions the server evaluates).
+    assert got[wire.fn_slug("flow-rl-failed-handler")]["triggers"] == [{
+        "event": "inngest/function.failed",
+        "expression": "event.data.function_id == 'conformance-flow-rl-failed'"}]
+    assert got[wire.fn_slug("flow-singleton-finished")]["triggers"] == [{
+        "event": "inngest/function.finished",
+        "expression": "event.data.function_id == 'conformance-flow-singleton-cancel' && event.data.result == true"}]
+    [cancelled] = got[wire.fn_slug("flow-singleton-cancelled")]["triggers"]
+    assert cancelled["event"] == "inngest/function.cancelled"
+    assert "'conformance-flow-singleton-cancel-nokey'" in cancelled["expression"]
+    # Both account-scoped functions listen to the same event.
+    assert got[wire.fn_slug("flow-conc-acct-a")]["triggers"] == [{"event": "conf/flow-conc-acct"}]
+    assert got[wire.fn_slug("flow-conc-acct-b")]["triggers"] == [{"event": "conf/flow-conc-acct"}]
+    if sdk != "py":
+        assert got[wire.fn_slug("flow-rl-failed")]["steps"]["step"]["retries"] == {"attempts": 0}
+
+
+def test_flow_fixture_bodies_wire(sdk, capp):
+    """The flow functions' own calls behave (no server): a batch handler sees all `events`,
+    a singleton-cancel run sleeps after its first step, the throttled step runs inline."""
+    evs = [event("conf/flow-batch", {"num": i}) for i in range(3)]
+    r = capp.app.post_call("flow-batch", call_body(evs[0], events=evs))
+    assert r.status_code == 200 and r.json() == {"count": 3, "nums": [0, 1, 2], "users": [None] * 3}, r.text
+    ev = event("conf/flow-singleton-cancel", {"user": {"id": 42}})
+    [op] = ops(capp.app.post_call("flow-singleton-cancel", call_body(ev)))
+    assert op["op"] == "StepRun" and op["id"] == H("counter1")
+    [op] = ops(capp.app.post_call("flow-singleton-cancel", call_body(ev, {H("counter1"): {"data": "counted"}})))
+    assert op["op"] == "Sleep" and op["id"] == H("sleep")
+    [op] = ops(capp.app.post_call("flow-throttle-key", call_body(event("conf/flow-throttle-key", {"id": 0}))))
+    assert op["op"] == "StepRun" and op["id"] == H("b")
+    [op] = ops(capp.app.post_call("flow-throttle-key", call_body(event("conf/flow-throttle-key", {"id": 0}),
+                                                                 {H("b"): {"data": 0}})))
+    assert op["id"] == H("b:1") and op["data"] == 1

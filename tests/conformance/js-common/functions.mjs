@@ -5,7 +5,8 @@
 // on both. py/app.py mirrors every function here with the same ids, events and outputs.
 //
 // Besides /api/inngest the server answers:
-//   GET /counters  -> {"counters": {...}, "records": {...}}  (what the step bodies did)
+//   GET /counters  -> {"counters": {...}, "records": {...}, "gauges": {name: {now, max}}}
+//                     (what the step bodies did; gauges count bodies in progress)
 // Counters are bumped only inside step bodies (which run once per attempt), or under a
 // "reached-*" name for handler code that replays on every call.
 
@@ -29,6 +30,17 @@ export function startApp({ inngest: mod, serve, major }) {
   };
   const record = (name, value) => {
     (records[name] = records[name] || []).push(value);
+  };
+  // Gauges: how many step bodies are inside a section now, and the most ever at once
+  // (flow-control cases check in-progress counts with these).
+  const gauges = {};
+  const enter = (name) => {
+    const g = (gauges[name] = gauges[name] || { now: 0, max: 0 });
+    g.now += 1;
+    if (g.now > g.max) g.max = g.now;
+  };
+  const leave = (name) => {
+    gauges[name].now -= 1;
   };
 
   const client = new Inngest({ id: APP_ID });
@@ -529,6 +541,344 @@ export function startApp({ inngest: mod, serve, major }) {
     }),
   );
 
+  // ---- flow control (conformance-cases.md §14–19, C-INV-07, C-FAIL-03) -------------------
+  // Each flow function records what the cases time or count: `record(<id>, {t, run, …})`
+  // when its step body starts, and gauges of step bodies in progress.
+
+  // busy: hold the named gauges for `ms` inside a step body, recording the start first.
+  const busy = async (names, ms, rec) => {
+    names.forEach(enter);
+    try {
+      if (rec) record(rec[0], { t: Date.now(), ...rec[1] });
+      await sleepMs(ms);
+    } finally {
+      names.forEach(leave);
+    }
+  };
+
+  // C-CONC-01: step concurrency 1 (JS sends the bare-number shape).
+  add(
+    fn({ id: "flow-conc-fn", concurrency: 1 }, { event: "conf/flow-conc-fn" }, async ({ event, step, runId }) => {
+      await step.run("work", () =>
+        busy(["flow-conc-fn"], event.data.ms ?? 1500, ["flow-conc-fn", { run: runId, i: event.data.i ?? null }]),
+      );
+      return "done";
+    }),
+  );
+
+  // C-CONC-03: keyed step concurrency (JS sends the single-object shape).
+  add(
+    fn(
+      { id: "flow-conc-key", concurrency: { limit: 1, key: "event.data.num" } },
+      { event: "conf/flow-conc-key" },
+      async ({ event, step, runId }) => {
+        const num = event.data.num;
+        await step.run("work", () =>
+          busy(["flow-conc-key", `flow-conc-key:${num}`], event.data.ms ?? 2000, ["flow-conc-key", { run: runId, num }]),
+        );
+        return num;
+      },
+    ),
+  );
+
+  // C-CONC-04: a function-wide limit of 2 plus a keyed limit of 1 (two-entry array shape).
+  add(
+    fn(
+      {
+        id: "flow-conc-key-fn",
+        retries: 0,
+        concurrency: [{ limit: 2 }, { limit: 1, key: "event.data.num" }],
+      },
+      { event: "conf/flow-conc-key-fn" },
+      async ({ event, step, runId }) => {
+        const num = event.data.num;
+        await step.run("work", () =>
+          busy(["flow-conc-key-fn", `flow-conc-key-fn:${num}`], event.data.ms ?? 1500, [
+            "flow-conc-key-fn",
+            { run: runId, num },
+          ]),
+        );
+        return num;
+      },
+    ),
+  );
+
+  // C-CONC-05: two functions share one account-scoped limit of 1 (key 'global').
+  for (const suffix of ["a", "b"]) {
+    const id = `flow-conc-acct-${suffix}`;
+    add(
+      fn(
+        { id, concurrency: [{ limit: 1, scope: "account", key: "'global'" }] },
+        { event: "conf/flow-conc-acct" },
+        async ({ event, step, runId }) => {
+          await step.run("work", () =>
+            busy(["flow-conc-acct", id], event.data.ms ?? 1000, ["flow-conc-acct", { run: runId, fn: id }]),
+          );
+          return id;
+        },
+      ),
+    );
+  }
+
+  // C-THR-01: throttled run starts (limit 1 burst 0 every 2 s; limit 1 burst 1 every 4 s).
+  for (const [id, throttle] of [
+    ["flow-throttle-b0", { limit: 1, period: "2s", burst: 0 }],
+    ["flow-throttle-b1", { limit: 1, period: "4s", burst: 1 }],
+  ]) {
+    add(
+      fn({ id, throttle }, { event: `conf/${id}` }, async ({ event, step, runId }) => {
+        await step.run("mark", () => {
+          record(id, { t: Date.now(), run: runId, i: event.data.i ?? null });
+          return "marked";
+        });
+        return "done";
+      }),
+    );
+  }
+
+  // C-THR-02: throttle per key; the two steps (ids "b", "b:1") are not throttled.
+  add(
+    fn(
+      { id: "flow-throttle-key", throttle: { key: "event.data.id", limit: 1, period: "6s", burst: 0 } },
+      { event: "conf/flow-throttle-key" },
+      async ({ event, step, runId }) => {
+        for (let n = 0; n < 2; n++) {
+          await step.run("b", () => {
+            record("flow-throttle-key", { t: Date.now(), run: runId, id: event.data.id, n });
+            return n;
+          });
+        }
+        return event.data.id;
+      },
+    ),
+  );
+
+  // C-RL-01: rate limit 1 per 24 h per event.data.number; excess runs are skipped.
+  add(
+    fn(
+      { id: "flow-rate-limit", rateLimit: { limit: 1, period: "24h", key: "event.data.number" } },
+      { event: "conf/flow-rate-limit" },
+      async ({ event, step, runId }) => {
+        await step.run("count", () => {
+          record("flow-rate-limit", { t: Date.now(), run: runId, number: event.data.number ?? null });
+          return "counted";
+        });
+        return event.data.number ?? null;
+      },
+    ),
+  );
+
+  // C-FAIL-03: a rate-limited function that always fails, and a failure handler with the
+  // same rateLimit whose key (event.data.number) is missing on the failure event: off.
+  add(
+    fn(
+      {
+        id: "flow-rl-failed",
+        retries: 0,
+        rateLimit: { limit: 1, period: "24h", key: "event.data.number" },
+      },
+      { event: "conf/flow-rl-failed" },
+      async ({ event, runId }) => {
+        bump("flow-rl-failed");
+        record("flow-rl-failed", { run: runId, number: event.data.number ?? null });
+        throw new NonRetriableError("failed");
+      },
+    ),
+  );
+  add(
+    fn(
+      { id: "flow-rl-failed-handler", rateLimit: { limit: 1, period: "24h", key: "event.data.number" } },
+      { event: "inngest/function.failed", if: "event.data.function_id == 'conformance-flow-rl-failed'" },
+      async ({ event }) => {
+        bump("flow-rl-failed-handler");
+        record("flow-rl-failed-handler", { failed_run: event.data.run_id ?? null });
+        return "handled";
+      },
+    ),
+  );
+
+  // idempotency: at most one run per event.data.order per 24 h.
+  add(
+    fn({ id: "flow-idempotency", idempotency: "event.data.order" }, { event: "conf/flow-idempotency" }, async ({ event, step, runId }) => {
+      await step.run("count", () => {
+        record("flow-idempotency", { t: Date.now(), run: runId, order: event.data.order ?? null });
+        return "counted";
+      });
+      return event.data.order ?? null;
+    }),
+  );
+
+  // C-DEB-01/02: debounce per event.data.name, 2 s; the run sees the last event.
+  add(
+    fn(
+      { id: "flow-debounce", debounce: { key: "event.data.name", period: "2s" } },
+      { event: "conf/flow-debounce" },
+      async ({ event, step, runId }) => {
+        const name = await step.run("get name", () => {
+          record("flow-debounce", { t: Date.now(), run: runId, name: event.data.name, counter: event.data.counter ?? null });
+          return event.data.name;
+        });
+        return { name, counter: event.data.counter ?? null };
+      },
+    ),
+  );
+
+  // C-DEB-03: no key; the event with the latest ts wins.
+  add(
+    fn({ id: "flow-debounce-ts", debounce: { period: "2s" } }, { event: "conf/flow-debounce-ts" }, async ({ event, step, runId }) => {
+      await step.run("get name", () => {
+        record("flow-debounce-ts", { t: Date.now(), run: runId, name: event.data.name });
+        return event.data.name;
+      });
+      return event.data.name;
+    }),
+  );
+
+  // C-DEB-04: a steady stream never goes quiet for 2 s; the 4 s timeout forces a start.
+  add(
+    fn(
+      { id: "flow-debounce-timeout", debounce: { period: "2s", timeout: "4s" } },
+      { event: "conf/flow-debounce-timeout" },
+      async ({ event, step, runId }) => {
+        await step.run("mark", () => {
+          record("flow-debounce-timeout", { t: Date.now(), run: runId, counter: event.data.counter ?? null });
+          return "marked";
+        });
+        return event.data.counter ?? null;
+      },
+    ),
+  );
+
+  // C-PRIO-01: one at a time; "high" jumps 5 s ahead in the backlog.
+  add(
+    fn(
+      {
+        id: "flow-priority",
+        concurrency: [{ limit: 1 }],
+        priority: { run: "event.data.priority == 'high' ? 5 : 0" },
+      },
+      { event: "conf/flow-priority" },
+      async ({ event, step, runId }) => {
+        await step.run("work", () =>
+          busy(["flow-priority"], event.data.ms ?? 2000, ["flow-priority", { run: runId, priority: event.data.priority }]),
+        );
+        return event.data.priority;
+      },
+    ),
+  );
+
+  // C-SING-01/02: singleton skip per event.data.user.id (a key of false switches it off).
+  add(
+    fn(
+      { id: "flow-singleton-skip", singleton: { key: "event.data.user.id", mode: "skip" } },
+      { event: "conf/flow-singleton-skip" },
+      async ({ event, step, runId }) => {
+        await step.run("work", () =>
+          busy(["flow-singleton-skip"], event.data.ms ?? 2000, ["flow-singleton-skip", { run: runId, i: event.data.i ?? null }]),
+        );
+        return "done";
+      },
+    ),
+  );
+
+  // C-SING-03: singleton cancel per key: step, 4 s sleep, return true.
+  add(
+    fn(
+      { id: "flow-singleton-cancel", singleton: { key: "event.data.user.id", mode: "cancel" } },
+      { event: "conf/flow-singleton-cancel" },
+      async ({ event, step, runId }) => {
+        await step.run("counter1", () => {
+          bump("flow-singleton-cancel");
+          record("flow-singleton-cancel", { t: Date.now(), run: runId, i: event.data.i ?? null });
+          return "counted";
+        });
+        await step.sleep("sleep", "4s");
+        return true;
+      },
+    ),
+  );
+
+  // C-SING-05/06: singleton without a key, skip and cancel, with a 3 s sleep.
+  for (const mode of ["skip", "cancel"]) {
+    const id = `flow-singleton-${mode}-nokey`;
+    add(
+      fn({ id, singleton: { mode } }, { event: `conf/${id}` }, async ({ event, step, runId }) => {
+        await step.run("start", () => {
+          record(id, { t: Date.now(), run: runId, i: event.data.i ?? null });
+          return "started";
+        });
+        await step.sleep("zzz", "3s");
+        return "done";
+      }),
+    );
+  }
+
+  // Lifecycle events of the singleton-cancel functions.
+  add(
+    fn(
+      { id: "flow-singleton-cancelled" },
+      {
+        event: "inngest/function.cancelled",
+        if: "event.data.function_id == 'conformance-flow-singleton-cancel' || event.data.function_id == 'conformance-flow-singleton-cancel-nokey'",
+      },
+      async ({ event }) => {
+        bump("flow-singleton-cancelled");
+        record("flow-singleton-cancelled", { fn: event.data.function_id ?? null, run: event.data.run_id ?? null });
+        return "noted";
+      },
+    ),
+  );
+  add(
+    fn(
+      { id: "flow-singleton-finished" },
+      {
+        event: "inngest/function.finished",
+        if: "event.data.function_id == 'conformance-flow-singleton-cancel' && event.data.result == true",
+      },
+      async ({ event }) => {
+        bump("flow-singleton-finished");
+        record("flow-singleton-finished", { run: event.data.run_id ?? null });
+        return "noted";
+      },
+    ),
+  );
+
+  // C-BATCH-01/04/07: batches (size, `if`, key). No steps: the handler runs once per run.
+  for (const [id, batchEvents] of [
+    ["flow-batch", { maxSize: 5, timeout: "5s" }],
+    ["flow-batch-if", { maxSize: 5, timeout: "5s", if: "int(event.data.num) % 2 == 0" }],
+    ["flow-batch-key", { maxSize: 3, timeout: "5s", key: "event.data.userId" }],
+  ]) {
+    add(
+      fn({ id, batchEvents }, { event: `conf/${id}` }, async ({ events, runId }) => {
+        const nums = events.map((e) => e.data.num ?? null);
+        const users = events.map((e) => e.data.userId ?? null);
+        record(id, { t: Date.now(), run: runId, nums, users });
+        return { count: events.length, nums, users };
+      }),
+    );
+  }
+
+  // C-INV-07: invoking a rate-limited function; the second invoke must fail at once.
+  const rlInvokee = add(
+    fn(
+      { id: "flow-rl-invokee", retries: 0, rateLimit: { limit: 1, period: "1m" } },
+      { event: "conf/flow-rl-invokee.never" },
+      async ({ runId }) => {
+        bump("flow-rl-invokee");
+        record("flow-rl-invokee", { run: runId });
+        return "invoked";
+      },
+    ),
+  );
+  add(
+    fn({ id: "flow-rl-invoker", retries: 0 }, { event: "conf/flow-rl-invoker" }, async ({ step }) => {
+      await step.run("send", () => "sent");
+      const res = await step.invoke("call", { function: rlInvokee, data: {}, timeout: "60s" });
+      return { child: res };
+    }),
+  );
+
   // cron-tick: only with CONF_CRON set, so an unsupported schedule cannot break other cases.
   if (process.env.CONF_CRON) {
     add(
@@ -545,7 +895,7 @@ export function startApp({ inngest: mod, serve, major }) {
   const server = http.createServer((req, res) => {
     if (req.url === "/counters") {
       res.writeHead(200, { "content-type": "application/json" });
-      res.end(JSON.stringify({ counters, records }));
+      res.end(JSON.stringify({ counters, records, gauges }));
       return;
     }
     if (req.url.startsWith("/api/inngest")) return handler(req, res);

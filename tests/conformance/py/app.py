@@ -1,7 +1,8 @@
 """Fixture app for the official `inngest` PyPI SDK (Flask, synchronous handlers).
 
 Mirrors ../js-common/functions.mjs: same app id, function ids, events, step ids and
-outputs. Besides /api/inngest it answers GET /counters with what the step bodies did.
+outputs. Besides /api/inngest it answers GET /counters with what the step bodies did
+(counters, records, and gauges of step bodies in progress).
 """
 
 import datetime
@@ -33,6 +34,22 @@ def bump(name: str, run_id: str | None = None) -> int:
 def record(name: str, value: object) -> None:
     with _lock:
         records.setdefault(name, []).append(value)
+
+
+gauges: dict[str, dict[str, int]] = {}
+
+
+def enter(name: str) -> None:
+    """A step body entered a section that the flow-control cases count (in progress now/max)."""
+    with _lock:
+        g = gauges.setdefault(name, {"now": 0, "max": 0})
+        g["now"] += 1
+        g["max"] = max(g["max"], g["now"])
+
+
+def leave(name: str) -> None:
+    with _lock:
+        gauges[name]["now"] -= 1
 
 
 def now_ms() -> int:
@@ -453,6 +470,341 @@ def auth_probe(ctx: inngest.ContextSync) -> str:
     return "authorized"
 
 
+# ---- flow control (conformance-cases.md §14-19, C-INV-07, C-FAIL-03) ------------------------
+# Each flow function records what the cases time or count: record(<id>, {t, run, ...}) when
+# its step body starts, and gauges of step bodies in progress. Python's `concurrency` is a
+# list only (JS also sends the bare-number and single-object shapes).
+
+S = datetime.timedelta(seconds=1)
+
+
+def busy(names: list[str], ms: int, rec_name: str | None = None, rec: dict | None = None) -> None:
+    """Hold the named gauges for `ms` inside a step body, recording the start first."""
+    for n in names:
+        enter(n)
+    try:
+        if rec_name:
+            record(rec_name, {"t": now_ms(), **(rec or {})})
+        time.sleep(ms / 1000)
+    finally:
+        for n in names:
+            leave(n)
+
+
+def _data(ctx: inngest.ContextSync) -> dict:
+    return ctx.event.data or {}
+
+
+@add(fn_id="flow-conc-fn", concurrency=[inngest.Concurrency(limit=1)], trigger=ev("conf/flow-conc-fn"))
+def flow_conc_fn(ctx: inngest.ContextSync) -> str:
+    d = _data(ctx)
+    ctx.step.run("work", lambda: busy(["flow-conc-fn"], d.get("ms", 1500), "flow-conc-fn",
+                                      {"run": ctx.run_id, "i": d.get("i")}))
+    return "done"
+
+
+@add(
+    fn_id="flow-conc-key",
+    concurrency=[inngest.Concurrency(limit=1, key="event.data.num")],
+    trigger=ev("conf/flow-conc-key"),
+)
+def flow_conc_key(ctx: inngest.ContextSync) -> object:
+    d = _data(ctx)
+    num = d.get("num")
+    ctx.step.run("work", lambda: busy(["flow-conc-key", f"flow-conc-key:{num}"], d.get("ms", 2000),
+                                      "flow-conc-key", {"run": ctx.run_id, "num": num}))
+    return num
+
+
+@add(
+    fn_id="flow-conc-key-fn",
+    retries=0,
+    concurrency=[inngest.Concurrency(limit=2), inngest.Concurrency(limit=1, key="event.data.num")],
+    trigger=ev("conf/flow-conc-key-fn"),
+)
+def flow_conc_key_fn(ctx: inngest.ContextSync) -> object:
+    d = _data(ctx)
+    num = d.get("num")
+    ctx.step.run("work", lambda: busy(["flow-conc-key-fn", f"flow-conc-key-fn:{num}"], d.get("ms", 1500),
+                                      "flow-conc-key-fn", {"run": ctx.run_id, "num": num}))
+    return num
+
+
+def _conc_acct(fn_id: str):
+    @add(
+        fn_id=fn_id,
+        concurrency=[inngest.Concurrency(limit=1, scope="account", key="'global'")],
+        trigger=ev("conf/flow-conc-acct"),
+    )
+    def handler(ctx: inngest.ContextSync) -> str:
+        d = _data(ctx)
+        ctx.step.run("work", lambda: busy(["flow-conc-acct", fn_id], d.get("ms", 1000), "flow-conc-acct",
+                                          {"run": ctx.run_id, "fn": fn_id}))
+        return fn_id
+
+    return handler
+
+
+for _suffix in ("a", "b"):
+    _conc_acct(f"flow-conc-acct-{_suffix}")
+
+
+def _throttled(fn_id: str, throttle: inngest.Throttle):
+    @add(fn_id=fn_id, throttle=throttle, trigger=ev(f"conf/{fn_id}"))
+    def handler(ctx: inngest.ContextSync) -> str:
+        def mark() -> str:
+            record(fn_id, {"t": now_ms(), "run": ctx.run_id, "i": _data(ctx).get("i")})
+            return "marked"
+
+        ctx.step.run("mark", mark)
+        return "done"
+
+    return handler
+
+
+_throttled("flow-throttle-b0", inngest.Throttle(limit=1, period=2 * S, burst=0))
+_throttled("flow-throttle-b1", inngest.Throttle(limit=1, period=4 * S, burst=1))
+
+
+@add(
+    fn_id="flow-throttle-key",
+    throttle=inngest.Throttle(key="event.data.id", limit=1, period=6 * S, burst=0),
+    trigger=ev("conf/flow-throttle-key"),
+)
+def flow_throttle_key(ctx: inngest.ContextSync) -> object:
+    d = _data(ctx)
+    for n in range(2):
+        def b(n=n) -> int:
+            record("flow-throttle-key", {"t": now_ms(), "run": ctx.run_id, "id": d.get("id"), "n": n})
+            return n
+
+        ctx.step.run("b", b)
+    return d.get("id")
+
+
+@add(
+    fn_id="flow-rate-limit",
+    rate_limit=inngest.RateLimit(limit=1, period=datetime.timedelta(hours=24), key="event.data.number"),
+    trigger=ev("conf/flow-rate-limit"),
+)
+def flow_rate_limit(ctx: inngest.ContextSync) -> object:
+    d = _data(ctx)
+
+    def count() -> str:
+        record("flow-rate-limit", {"t": now_ms(), "run": ctx.run_id, "number": d.get("number")})
+        return "counted"
+
+    ctx.step.run("count", count)
+    return d.get("number")
+
+
+@add(
+    fn_id="flow-rl-failed",
+    retries=0,
+    rate_limit=inngest.RateLimit(limit=1, period=datetime.timedelta(hours=24), key="event.data.number"),
+    trigger=ev("conf/flow-rl-failed"),
+)
+def flow_rl_failed(ctx: inngest.ContextSync) -> None:
+    bump("flow-rl-failed")
+    record("flow-rl-failed", {"run": ctx.run_id, "number": _data(ctx).get("number")})
+    raise inngest.NonRetriableError("failed")
+
+
+@add(
+    fn_id="flow-rl-failed-handler",
+    rate_limit=inngest.RateLimit(limit=1, period=datetime.timedelta(hours=24), key="event.data.number"),
+    trigger=inngest.TriggerEvent(
+        event="inngest/function.failed", expression="event.data.function_id == 'conformance-flow-rl-failed'"
+    ),
+)
+def flow_rl_failed_handler(ctx: inngest.ContextSync) -> str:
+    bump("flow-rl-failed-handler")
+    record("flow-rl-failed-handler", {"failed_run": _data(ctx).get("run_id")})
+    return "handled"
+
+
+@add(fn_id="flow-idempotency", idempotency="event.data.order", trigger=ev("conf/flow-idempotency"))
+def flow_idempotency(ctx: inngest.ContextSync) -> object:
+    d = _data(ctx)
+
+    def count() -> str:
+        record("flow-idempotency", {"t": now_ms(), "run": ctx.run_id, "order": d.get("order")})
+        return "counted"
+
+    ctx.step.run("count", count)
+    return d.get("order")
+
+
+@add(
+    fn_id="flow-debounce",
+    debounce=inngest.Debounce(key="event.data.name", period=2 * S),
+    trigger=ev("conf/flow-debounce"),
+)
+def flow_debounce(ctx: inngest.ContextSync) -> dict:
+    d = _data(ctx)
+
+    def get_name() -> object:
+        record("flow-debounce", {"t": now_ms(), "run": ctx.run_id, "name": d.get("name"), "counter": d.get("counter")})
+        return d.get("name")
+
+    name = ctx.step.run("get name", get_name)
+    return {"name": name, "counter": d.get("counter")}
+
+
+@add(fn_id="flow-debounce-ts", debounce=inngest.Debounce(period=2 * S), trigger=ev("conf/flow-debounce-ts"))
+def flow_debounce_ts(ctx: inngest.ContextSync) -> object:
+    d = _data(ctx)
+
+    def get_name() -> object:
+        record("flow-debounce-ts", {"t": now_ms(), "run": ctx.run_id, "name": d.get("name")})
+        return d.get("name")
+
+    ctx.step.run("get name", get_name)
+    return d.get("name")
+
+
+@add(
+    fn_id="flow-debounce-timeout",
+    debounce=inngest.Debounce(period=2 * S, timeout=4 * S),
+    trigger=ev("conf/flow-debounce-timeout"),
+)
+def flow_debounce_timeout(ctx: inngest.ContextSync) -> object:
+    d = _data(ctx)
+
+    def mark() -> str:
+        record("flow-debounce-timeout", {"t": now_ms(), "run": ctx.run_id, "counter": d.get("counter")})
+        return "marked"
+
+    ctx.step.run("mark", mark)
+    return d.get("counter")
+
+
+@add(
+    fn_id="flow-priority",
+    concurrency=[inngest.Concurrency(limit=1)],
+    priority=inngest.Priority(run="event.data.priority == 'high' ? 5 : 0"),
+    trigger=ev("conf/flow-priority"),
+)
+def flow_priority(ctx: inngest.ContextSync) -> object:
+    d = _data(ctx)
+    ctx.step.run("work", lambda: busy(["flow-priority"], d.get("ms", 2000), "flow-priority",
+                                      {"run": ctx.run_id, "priority": d.get("priority")}))
+    return d.get("priority")
+
+
+@add(
+    fn_id="flow-singleton-skip",
+    singleton=inngest.Singleton(key="event.data.user.id", mode="skip"),
+    trigger=ev("conf/flow-singleton-skip"),
+)
+def flow_singleton_skip(ctx: inngest.ContextSync) -> str:
+    d = _data(ctx)
+    ctx.step.run("work", lambda: busy(["flow-singleton-skip"], d.get("ms", 2000), "flow-singleton-skip",
+                                      {"run": ctx.run_id, "i": d.get("i")}))
+    return "done"
+
+
+@add(
+    fn_id="flow-singleton-cancel",
+    singleton=inngest.Singleton(key="event.data.user.id", mode="cancel"),
+    trigger=ev("conf/flow-singleton-cancel"),
+)
+def flow_singleton_cancel(ctx: inngest.ContextSync) -> bool:
+    d = _data(ctx)
+
+    def counter1() -> str:
+        bump("flow-singleton-cancel")
+        record("flow-singleton-cancel", {"t": now_ms(), "run": ctx.run_id, "i": d.get("i")})
+        return "counted"
+
+    ctx.step.run("counter1", counter1)
+    ctx.step.sleep("sleep", 4 * S)
+    return True
+
+
+def _singleton_nokey(mode: str):
+    fn_id = f"flow-singleton-{mode}-nokey"
+
+    @add(fn_id=fn_id, singleton=inngest.Singleton(mode=mode), trigger=ev(f"conf/{fn_id}"))
+    def handler(ctx: inngest.ContextSync) -> str:
+        def start() -> str:
+            record(fn_id, {"t": now_ms(), "run": ctx.run_id, "i": _data(ctx).get("i")})
+            return "started"
+
+        ctx.step.run("start", start)
+        ctx.step.sleep("zzz", 3 * S)
+        return "done"
+
+    return handler
+
+
+_singleton_nokey("skip")
+_singleton_nokey("cancel")
+
+
+@add(
+    fn_id="flow-singleton-cancelled",
+    trigger=inngest.TriggerEvent(
+        event="inngest/function.cancelled",
+        expression="event.data.function_id == 'conformance-flow-singleton-cancel' || "
+        "event.data.function_id == 'conformance-flow-singleton-cancel-nokey'",
+    ),
+)
+def flow_singleton_cancelled(ctx: inngest.ContextSync) -> str:
+    d = _data(ctx)
+    bump("flow-singleton-cancelled")
+    record("flow-singleton-cancelled", {"fn": d.get("function_id"), "run": d.get("run_id")})
+    return "noted"
+
+
+@add(
+    fn_id="flow-singleton-finished",
+    trigger=inngest.TriggerEvent(
+        event="inngest/function.finished",
+        expression="event.data.function_id == 'conformance-flow-singleton-cancel' && event.data.result == true",
+    ),
+)
+def flow_singleton_finished(ctx: inngest.ContextSync) -> str:
+    bump("flow-singleton-finished")
+    record("flow-singleton-finished", {"run": _data(ctx).get("run_id")})
+    return "noted"
+
+
+def _batched(fn_id: str, batch: inngest.Batch):
+    @add(fn_id=fn_id, batch_events=batch, trigger=ev(f"conf/{fn_id}"))
+    def handler(ctx: inngest.ContextSync) -> dict:
+        nums = [(e.data or {}).get("num") for e in ctx.events]
+        users = [(e.data or {}).get("userId") for e in ctx.events]
+        record(fn_id, {"t": now_ms(), "run": ctx.run_id, "nums": nums, "users": users})
+        return {"count": len(ctx.events), "nums": nums, "users": users}
+
+    return handler
+
+
+_batched("flow-batch", inngest.Batch(max_size=5, timeout=5 * S))
+_batched("flow-batch-if", inngest.Batch(max_size=5, timeout=5 * S, if_exp="int(event.data.num) % 2 == 0"))
+_batched("flow-batch-key", inngest.Batch(max_size=3, timeout=5 * S, key="event.data.userId"))
+
+
+@add(
+    fn_id="flow-rl-invokee",
+    retries=0,
+    rate_limit=inngest.RateLimit(limit=1, period=datetime.timedelta(minutes=1)),
+    trigger=ev("conf/flow-rl-invokee.never"),
+)
+def flow_rl_invokee(ctx: inngest.ContextSync) -> str:
+    bump("flow-rl-invokee")
+    record("flow-rl-invokee", {"run": ctx.run_id})
+    return "invoked"
+
+
+@add(fn_id="flow-rl-invoker", retries=0, trigger=ev("conf/flow-rl-invoker"))
+def flow_rl_invoker(ctx: inngest.ContextSync) -> dict:
+    ctx.step.run("send", lambda: "sent")
+    res = ctx.step.invoke("call", function=flow_rl_invokee, data={}, timeout=60 * S)
+    return {"child": res}
+
+
 if os.environ.get("CONF_CRON"):
 
     @add(fn_id="cron-tick", trigger=inngest.TriggerCron(cron=os.environ["CONF_CRON"]))
@@ -469,7 +821,8 @@ inngest.flask.serve(app, client, functions)
 @app.get("/counters")
 def get_counters():
     with _lock:
-        return flask.jsonify({"counters": dict(counters), "records": dict(records)})
+        return flask.jsonify({"counters": dict(counters), "records": dict(records),
+                              "gauges": {k: dict(v) for k, v in gauges.items()}})
 
 
 if __name__ == "__main__":
