@@ -131,6 +131,16 @@ class App:
     def records(self) -> dict:
         return httpx.get(self.origin + "/counters", timeout=5).json()["records"]
 
+    def gauges(self) -> dict:
+        """{name: {"now": n, "max": m}}: step bodies in progress in a section, now and at most."""
+        return httpx.get(self.origin + "/counters", timeout=5).json().get("gauges") or {}
+
+    def gauge_max(self, name: str) -> int:
+        return (self.gauges().get(name) or {}).get("max", 0)
+
+    def recs(self, name: str) -> list:
+        return self.records().get(name) or []
+
     def count(self, name: str, run_id: str | None = None) -> int:
         key = f"{name}@{run_id}" if run_id else name
         return self.counters().get(key, 0)
@@ -273,6 +283,21 @@ class Cairn:
 
     def run(self, run_id: str) -> dict:
         r = self.http.get(f"/v1/runs/{run_id}")
+        r.raise_for_status()
+        return r.json()["data"]
+
+    def skipped(self, event_id: str) -> list[dict]:
+        """Functions that skipped this event (rate limit, idempotency, singleton), with why."""
+        r = self.http.get(f"/v1/events/{event_id}/skipped")
+        if r.status_code == 404:
+            return []
+        r.raise_for_status()
+        data = r.json().get("data")
+        return data if isinstance(data, list) else []
+
+    def queue(self, run_id: str) -> dict:
+        """GET /v1/runs/{id}/queue: the run's queue items and what each is waiting on."""
+        r = self.http.get(f"/v1/runs/{run_id}/queue")
         r.raise_for_status()
         return r.json()["data"]
 
