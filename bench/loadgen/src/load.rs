@@ -117,10 +117,11 @@ pub async fn drive(
                     timed_out = next.load(Ordering::Relaxed) < n;
                     break;
                 }
-                if next.fetch_add(1, Ordering::Relaxed) >= n {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
                     break;
                 }
-                match one_run(&http, &driver, size, &pacer, deadline).await {
+                match one_run(&http, &driver, size, i, &pacer, deadline).await {
                     Ok(s) => {
                         samples.push(s);
                         if let Some(p) = &progress {
@@ -163,6 +164,7 @@ async fn one_run(
     http: &reqwest::Client,
     driver: &Driver,
     size: usize,
+    index: usize,
     pacer: &Pacer,
     deadline: Instant,
 ) -> Result<Sample> {
@@ -186,8 +188,23 @@ async fn one_run(
                 polls: 0,
             })
         }
-        Driver::Cairn { base } => cairn_run(http, base, size, pacer, deadline).await,
+        Driver::Cairn {
+            base,
+            event,
+            tenants,
+        } => {
+            let mut data = json!({ "size": size });
+            if *tenants > 0 {
+                data["tenant"] = json!(tenant_id(index % tenants));
+            }
+            cairn_run(http, base, event, data, pacer, deadline).await
+        }
     }
+}
+
+/// The tenant id of tenant `i` (`tenant-0042`).
+pub fn tenant_id(i: usize) -> String {
+    format!("tenant-{i:04}")
 }
 
 /// Sends one event, then polls the run until it is `Completed`. Polls are paced by the
@@ -197,13 +214,14 @@ async fn one_run(
 async fn cairn_run(
     http: &reqwest::Client,
     base: &str,
-    size: usize,
+    event: &str,
+    data: Value,
     pacer: &Pacer,
     deadline: Instant,
 ) -> Result<Sample> {
     let r = http
         .post(format!("{base}/e/bench"))
-        .json(&json!({ "name": EVENT, "data": { "size": size } }))
+        .json(&json!({ "name": event, "data": data }))
         .send()
         .await?;
     let status = r.status();

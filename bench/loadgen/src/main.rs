@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use load::{drive, Percentiles};
 use procs::Snap;
 use report::{ProcResult, ScenarioResult, STEPS_PER_RUN};
-use systems::{AppKind, Paths, Stack};
+use systems::{AppKind, Paths, Stack, KEYED_LIMIT};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +37,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start-up; the size of the `All` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Throughput and latency: every scenario, each system back to back.
@@ -47,6 +49,9 @@ enum Cmd {
     Leak(LeakArgs),
     /// Throughput with 10 K vs 1 M stored completed runs.
     Growth(GrowthArgs),
+    /// Flow control's cost: the founding function unconstrained vs with a per-tenant
+    /// concurrency limit (optionally also against a baseline server binary).
+    Flow(FlowArgs),
     /// Everything above, in that order.
     All {
         #[command(flatten)]
@@ -57,6 +62,8 @@ enum Cmd {
         leak: LeakArgs,
         #[command(flatten)]
         growth: GrowthArgs,
+        #[command(flatten)]
+        flow: FlowArgs,
     },
 }
 
@@ -121,6 +128,38 @@ struct GrowthArgs {
     growth_prefill_budget_s: u64,
 }
 
+#[derive(clap::Args, Clone)]
+struct FlowArgs {
+    /// Measured runs per phase (default 5,000; smoke 100).
+    #[arg(long = "flow-runs")]
+    flow_runs: Option<usize>,
+    #[arg(long = "flow-concurrency", default_value_t = 16)]
+    flow_concurrency: usize,
+    /// `collect-data`'s output size in bytes.
+    #[arg(long = "flow-size", default_value_t = 1024)]
+    flow_size: usize,
+    /// Event of the keyed function (the app's `founding-keyed`: concurrency 10 per
+    /// `event.data.tenant`).
+    #[arg(long = "flow-event", default_value = systems::KEYED_EVENT)]
+    flow_event: String,
+    /// Tenants the keyed runs are spread over, round-robin (`data.tenant` = tenant-0000 …).
+    #[arg(long = "tenants", default_value_t = 1000)]
+    tenants: usize,
+    /// Rounds of (baseline,) unconstrained, keyed, back to back (default 2; smoke 1).
+    #[arg(long = "flow-rounds")]
+    flow_rounds: Option<usize>,
+    /// A second `cairn` binary (e.g. a build from before flow control) whose unconstrained
+    /// throughput is measured in every round, just before this build's.
+    #[arg(long = "baseline-cairn-bin")]
+    baseline_cairn_bin: Option<std::path::PathBuf>,
+    /// How the baseline is named in the report (e.g. its revision).
+    #[arg(long = "baseline-label", default_value = "baseline")]
+    baseline_label: String,
+    /// Time budget per phase, seconds (measured part).
+    #[arg(long = "flow-budget-s")]
+    flow_budget_s: Option<u64>,
+}
+
 struct Scenario {
     name: &'static str,
     size: usize,
@@ -176,12 +215,14 @@ async fn main() {
         Cmd::Soak(a) => soak(&cli.paths, cli.smoke, a).await.map(|_| ()),
         Cmd::Leak(a) => leak(&cli.paths, cli.smoke, a).await.map(|_| ()),
         Cmd::Growth(a) => growth(&cli.paths, cli.smoke, a).await.map(|_| ()),
+        Cmd::Flow(a) => flow(&cli.paths, cli.smoke, a).await.map(|_| ()),
         Cmd::All {
             throughput: t,
             soak: s,
             leak: l,
             growth: g,
-        } => all(&cli.paths, cli.smoke, t, s, l, g).await,
+            flow: f,
+        } => all(&cli.paths, cli.smoke, t, s, l, g, f).await,
     };
     if let Err(e) = res {
         eprintln!("cairn-bench: {e:#}");
@@ -196,6 +237,7 @@ async fn all(
     s: &SoakArgs,
     l: &LeakArgs,
     g: &GrowthArgs,
+    f: &FlowArgs,
 ) -> Result<()> {
     // Every part runs even if an earlier one failed; the exit status reports all of them.
     let mut failed = Vec::new();
@@ -215,6 +257,10 @@ async fn all(
     match growth(paths, smoke, g).await {
         Ok(md) => summary.push_str(&md),
         Err(e) => failed.push(format!("growth: {e:#}")),
+    }
+    match flow(paths, smoke, f).await {
+        Ok(md) => summary.push_str(&md),
+        Err(e) => failed.push(format!("flow: {e:#}")),
     }
     let path = paths.results_dir.join(format!(
         "{}summary-{}.md",
@@ -414,6 +460,20 @@ async fn measure(
     n: usize,
     budget: Duration,
 ) -> Result<ScenarioResult> {
+    measure_samples(stack, name, size, c, n, budget)
+        .await
+        .map(|(r, _)| r)
+}
+
+/// [`measure`], also returning every measured run's latency (ms).
+async fn measure_samples(
+    stack: &mut Stack,
+    name: &str,
+    size: usize,
+    c: usize,
+    n: usize,
+    budget: Duration,
+) -> Result<(ScenarioResult, Vec<f64>)> {
     let warm_n = (n / 10).clamp(c.min(n), 200);
     let warm = drive(
         &stack.http,
@@ -441,7 +501,7 @@ async fn measure(
     stack.check_alive()?;
     let ok = out.samples.len();
     let wall = out.wall.as_secs_f64();
-    Ok(ScenarioResult {
+    let result = ScenarioResult {
         scenario: name.to_string(),
         system: stack.system.clone(),
         durability: stack.durability.clone(),
@@ -464,7 +524,8 @@ async fn measure(
             _ => f64::NAN,
         },
         data_bytes_end: stack.data_bytes(),
-    })
+    };
+    Ok((result, out.samples.iter().map(|s| s.latency_ms).collect()))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -819,7 +880,7 @@ async fn growth(paths: &Paths, smoke: bool, a: &GrowthArgs) -> Result<String> {
     );
     let mut stack = systems::start_cairn(paths, AppKind::Rust, "growth", 64).await?;
     let base = match &stack.driver {
-        systems::Driver::Cairn { base } => base.clone(),
+        systems::Driver::Cairn { base, .. } => base.clone(),
         _ => unreachable!(),
     };
     let budget = Duration::from_secs(a.growth_prefill_budget_s);
@@ -895,4 +956,293 @@ async fn prefill_lanes(
         total += t.await??;
     }
     Ok(total)
+}
+
+// ---------------------------------------------------------------------------------------
+// Flow control's cost
+
+/// The 1-, 5- and 15-minute load averages.
+fn load_avg() -> [f64; 3] {
+    let s = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut v = s.split_whitespace().map(|x| x.parse().unwrap_or(f64::NAN));
+    [(); 3].map(|_| v.next().unwrap_or(f64::NAN))
+}
+
+#[derive(Serialize)]
+struct FlowPhase {
+    round: usize,
+    /// `baseline` (the baseline binary, unconstrained), `unconstrained` or `keyed`.
+    variant: &'static str,
+    server: String,
+    load_avg_start: [f64; 3],
+    load_avg_end: [f64; 3],
+    /// The app's `/flow-stats` after the phase (calls of the keyed function in progress at
+    /// once, per tenant and in all).
+    app_flow_stats: Value,
+    result: ScenarioResult,
+}
+
+#[derive(Serialize, Clone)]
+struct FlowAggregate {
+    variant: &'static str,
+    server: String,
+    phases: usize,
+    runs_ok: usize,
+    errors: usize,
+    /// All measured runs of the variant over all its measured wall time.
+    runs_per_s: f64,
+    /// Each phase's runs/s.
+    runs_per_s_by_round: Vec<f64>,
+    /// Over the runs of all the variant's phases.
+    latency_ms: Percentiles,
+    /// Mean of the 1-minute load average at the start and end of its phases.
+    load_avg_1m: f64,
+}
+
+async fn app_flow_stats(stack: &Stack) -> Value {
+    let url = format!("http://127.0.0.1:{}/flow-stats", stack.app_port);
+    match stack.http.get(url).send().await {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
+    let n = a.flow_runs.unwrap_or(if smoke { 100 } else { 5_000 });
+    let rounds = a.flow_rounds.unwrap_or(if smoke { 1 } else { 2 }).max(1);
+    let (c, size, tenants) = (a.flow_concurrency, a.flow_size, a.tenants);
+    let budget = Duration::from_secs(a.flow_budget_s.unwrap_or(if smoke { 30 } else { 240 }));
+    let this_label = format!(
+        "this build ({})",
+        std::env::var("BENCH_CAIRN_REV").unwrap_or_else(|_| "unknown".into())
+    );
+    let baseline = a.baseline_cairn_bin.as_ref().map(|bin| Paths {
+        cairn_bin: bin.clone(),
+        ..paths.clone()
+    });
+    println!(
+        "\n## Flow control: unconstrained vs concurrency {} per tenant ({tenants} tenants), C={c}, {size} B, {n} runs, {rounds} round(s){}{}\n",
+        KEYED_LIMIT,
+        if baseline.is_some() { format!(", with baseline {}", a.baseline_label) } else { String::new() },
+        if smoke { " (smoke)" } else { "" }
+    );
+    let mut phases: Vec<FlowPhase> = Vec::new();
+    let mut latencies: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
+    let mut failures = Vec::new();
+    for round in 1..=rounds {
+        let mut plan: Vec<(&'static str, &Paths, String)> = Vec::new();
+        if let Some(b) = &baseline {
+            plan.push(("baseline", b, a.baseline_label.clone()));
+        }
+        plan.push(("unconstrained", paths, this_label.clone()));
+        plan.push(("keyed", paths, this_label.clone()));
+        for (variant, p, server) in plan {
+            let keyed = variant == "keyed";
+            let name = if keyed {
+                format!("keyed: concurrency {KEYED_LIMIT} per tenant, {tenants} tenants")
+            } else {
+                "unconstrained".to_string()
+            };
+            eprintln!("- round {round}, {variant} ({server}): {n} runs at C={c}");
+            let load0 = load_avg();
+            let res = async {
+                let mut stack =
+                    systems::start_cairn(p, AppKind::Rust, &format!("flow-{variant}"), c).await?;
+                if keyed {
+                    stack.target(&a.flow_event, tenants);
+                }
+                let r = measure_samples(&mut stack, &name, size, c, n, budget).await;
+                let stats = app_flow_stats(&stack).await;
+                stack.stop();
+                r.map(|(r, l)| (r, l, stats))
+            }
+            .await;
+            let load1 = load_avg();
+            match res {
+                Ok((mut r, lat, stats)) => {
+                    r.system = format!("Cairn + Rust SDK, {server}");
+                    eprintln!(
+                        "    {:.1} runs/s, p50 {:.1} ms, p99 {:.1} ms, errors {}, load {:.2} → {:.2}, app flow stats {stats}",
+                        r.runs_per_s, r.latency_ms.p50, r.latency_ms.p99, r.errors, load0[0], load1[0]
+                    );
+                    if r.errors > 0 || r.runs_ok == 0 {
+                        failures.push(format!(
+                            "round {round} {variant}: {} errors, first: {:?}",
+                            r.errors, r.first_error
+                        ));
+                    }
+                    if keyed {
+                        let max = stats["max_in_flight_per_tenant"].as_u64().unwrap_or(0);
+                        if max > u64::from(KEYED_LIMIT) {
+                            failures.push(format!(
+                                "round {round} keyed: {max} calls of one tenant in progress at once (limit {KEYED_LIMIT})"
+                            ));
+                        }
+                    }
+                    latencies.entry(variant).or_default().extend(lat);
+                    phases.push(FlowPhase {
+                        round,
+                        variant,
+                        server,
+                        load_avg_start: load0,
+                        load_avg_end: load1,
+                        app_flow_stats: stats,
+                        result: r,
+                    });
+                }
+                Err(e) => {
+                    eprintln!("    FAILED: {e:#}");
+                    failures.push(format!("round {round} {variant}: {e:#}"));
+                }
+            }
+        }
+    }
+
+    let aggregate = |variant: &'static str| -> Option<FlowAggregate> {
+        let ps: Vec<&FlowPhase> = phases.iter().filter(|p| p.variant == variant).collect();
+        let first = ps.first()?;
+        let ok: usize = ps.iter().map(|p| p.result.runs_ok).sum();
+        let wall: f64 = ps.iter().map(|p| p.result.wall_s).sum();
+        Some(FlowAggregate {
+            variant,
+            server: first.server.clone(),
+            phases: ps.len(),
+            runs_ok: ok,
+            errors: ps.iter().map(|p| p.result.errors).sum(),
+            runs_per_s: ok as f64 / wall.max(1e-9),
+            runs_per_s_by_round: ps.iter().map(|p| p.result.runs_per_s).collect(),
+            latency_ms: Percentiles::of(latencies.get(variant).cloned().unwrap_or_default()),
+            load_avg_1m: ps
+                .iter()
+                .map(|p| (p.load_avg_start[0] + p.load_avg_end[0]) / 2.0)
+                .sum::<f64>()
+                / ps.len() as f64,
+        })
+    };
+    let aggs: Vec<FlowAggregate> = ["baseline", "unconstrained", "keyed"]
+        .into_iter()
+        .filter_map(aggregate)
+        .collect();
+    let find = |v: &str| aggs.iter().find(|g| g.variant == v);
+    // Ratios of the pooled rates, and per round (each round's phases ran back to back).
+    let ratio_of = |num: &str, den: &str| -> Option<(f64, Vec<f64>)> {
+        let (x, y) = (find(num)?, find(den)?);
+        let by_round = phases
+            .iter()
+            .filter(|p| p.variant == num)
+            .filter_map(|p| {
+                phases
+                    .iter()
+                    .find(|q| q.variant == den && q.round == p.round)
+                    .map(|q| p.result.runs_per_s / q.result.runs_per_s)
+            })
+            .collect();
+        Some((x.runs_per_s / y.runs_per_s, by_round))
+    };
+    let keyed_ratio = ratio_of("keyed", "unconstrained");
+    let before_ratio = ratio_of("unconstrained", "baseline");
+
+    let mut md = String::from("## Flow control's cost\n\n");
+    md.push_str(&format!(
+        "The founding function (C={c}, {size} B, {n} measured runs per phase after a warm-up), unconstrained (`founding`, event `{}`) and keyed (`founding-keyed`, event `{}`, `concurrency: [{{\"limit\": {KEYED_LIMIT}, \"key\": \"event.data.tenant\"}}]`, runs spread round-robin over {tenants} tenants){}; {rounds} round(s), each phase on freshly started processes, back to back.\n\n",
+        systems::EVENT,
+        a.flow_event,
+        if baseline.is_some() {
+            format!(", plus the unconstrained function on the baseline server ({}) first in every round", a.baseline_label)
+        } else {
+            String::new()
+        }
+    ));
+    let rows: Vec<ScenarioResult> = phases
+        .iter()
+        .map(|p| {
+            let mut r = p.result.clone();
+            r.scenario = format!("round {}: {}", p.round, r.scenario);
+            r
+        })
+        .collect();
+    md.push_str(&report::table(&rows));
+    md.push_str("\n| variant | server | runs/s (all rounds) | runs/s by round | p50 ms | p90 ms | p99 ms | ok / errors | load avg (1 min) |\n|---|---|---:|---|---:|---:|---:|---:|---:|\n");
+    for g in &aggs {
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {} / {} | {:.2} |\n",
+            g.variant,
+            g.server,
+            g.runs_per_s,
+            g.runs_per_s_by_round
+                .iter()
+                .map(|x| format!("{x:.1}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            g.latency_ms.p50,
+            g.latency_ms.p90,
+            g.latency_ms.p99,
+            g.runs_ok,
+            g.errors,
+            g.load_avg_1m
+        ));
+    }
+    let by_round = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some((r, rs)) = &keyed_ratio {
+        md.push_str(&format!(
+            "\nKeyed / unconstrained throughput: **{r:.3}×** (by round: {}); goal ≥ 0.80×: {}.\n",
+            by_round(rs),
+            if *r >= 0.8 { "met" } else { "NOT MET" }
+        ));
+    }
+    if let Some((r, rs)) = &before_ratio {
+        md.push_str(&format!(
+            "\nUnconstrained, this build / {}: **{r:.3}×** (by round: {}); goal within 5% (≥ 0.95×): {}.\n",
+            a.baseline_label,
+            by_round(rs),
+            if *r >= 0.95 { "met" } else { "NOT MET" }
+        ));
+    }
+    let stats: Vec<&Value> = phases
+        .iter()
+        .filter(|p| p.variant == "keyed")
+        .map(|p| &p.app_flow_stats)
+        .collect();
+    if !stats.is_empty() {
+        md.push_str(&format!(
+            "\nKeyed function, seen from the app: at most {} calls of one tenant and {} calls in all in progress at once (limit {KEYED_LIMIT} per tenant).\n",
+            stats
+                .iter()
+                .map(|s| s["max_in_flight_per_tenant"].to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            stats
+                .iter()
+                .map(|s| s["max_in_flight_total"].to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+    }
+    println!("{md}");
+    let path = report::write_json(
+        &paths.results_dir,
+        &format!("{}flow-{}.json", if smoke { "smoke-" } else { "" }, stamp()),
+        &json!({
+            "machine": machine_description().trim(), "smoke": smoke, "runs": n, "concurrency": c,
+            "size_bytes": size, "tenants": tenants, "limit_per_tenant": KEYED_LIMIT,
+            "keyed_event": a.flow_event, "rounds": rounds, "baseline": a.baseline_label.clone(),
+            "phases": phases, "aggregates": aggs,
+            "keyed_over_unconstrained": keyed_ratio.as_ref().map(|(r, rs)| json!({ "ratio": r, "by_round": rs })),
+            "this_over_baseline": before_ratio.as_ref().map(|(r, rs)| json!({ "ratio": r, "by_round": rs })),
+        }),
+    )?;
+    println!("results: {}", path.display());
+    if !failures.is_empty() {
+        bail!(
+            "{} phase(s) failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+    Ok(md)
 }

@@ -16,6 +16,11 @@ pub const RESTATE_INGRESS: u16 = 8080;
 pub const RESTATE_ADMIN: u16 = 9070;
 pub const RESTATE_APP_PORT: u16 = 9080;
 pub const EVENT: &str = "bench/founding";
+/// The keyed variant's event (`founding-keyed` in `bench/apps/cairn-rust`: at most 10
+/// concurrent runs per `event.data.tenant`).
+pub const KEYED_EVENT: &str = "bench/founding-keyed";
+/// Its limit (kept in step with `KEYED_LIMIT` in `bench/apps/cairn-rust`).
+pub const KEYED_LIMIT: u32 = 10;
 
 /// What Cairn's store promises, from `crates/server/src/store/sqlite.rs`.
 pub const CAIRN_DURABILITY: &str =
@@ -84,8 +89,16 @@ impl AppKind {
 /// How runs are started and awaited.
 #[derive(Clone)]
 pub enum Driver {
-    Cairn { base: String },
-    Restate { ingress: String },
+    /// `POST /e` with `{"name": event, "data": {"size": …}}`; with `tenants > 0`, the data
+    /// also carries `"tenant": "tenant-NNNN"`, run i going to tenant i mod `tenants`.
+    Cairn {
+        base: String,
+        event: String,
+        tenants: usize,
+    },
+    Restate {
+        ingress: String,
+    },
 }
 
 pub struct Stack {
@@ -112,6 +125,14 @@ impl Stack {
         match self.driver {
             Driver::Cairn { .. } => procs::sqlite_size(&self.data),
             Driver::Restate { .. } => procs::dir_size(&self.data),
+        }
+    }
+    /// Points a Cairn stack's runs at `event`, spread round-robin over `tenants` tenant ids
+    /// (0: no tenant field).
+    pub fn target(&mut self, to_event: &str, to_tenants: usize) {
+        if let Driver::Cairn { event, tenants, .. } = &mut self.driver {
+            *event = to_event.to_string();
+            *tenants = to_tenants;
         }
     }
     pub fn stop(mut self) {
@@ -174,7 +195,11 @@ pub async fn start_cairn(paths: &Paths, kind: AppKind, tag: &str, pool: usize) -
         durability: CAIRN_DURABILITY.to_string(),
         server,
         app,
-        driver: Driver::Cairn { base },
+        driver: Driver::Cairn {
+            base,
+            event: EVENT.to_string(),
+            tenants: 0,
+        },
         http,
         data: db,
         app_port: APP_PORT,

@@ -58,5 +58,5 @@ async fn main() {
     );
     // LEAK_STASH=ctx keeps whole contexts; the default keeps step handles.
     let whole_ctx = std::env::var("LEAK_STASH").is_ok_and(|v| v == "ctx");
-    cairn_bench_app::serve("bench-leak-rust", Some(whole_ctx), heap).await;
+    cairn_bench_app::serve("bench-leak-rust", Some(whole_ctx), false, heap).await;
 }
