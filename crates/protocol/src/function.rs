@@ -141,17 +141,26 @@ pub struct ConcurrencyLimit {
     pub scope: Option<String>,
 }
 
-/// `concurrency` in any of its accepted shapes: a number, one limit, or a list of limits.
+/// `concurrency` in any of its accepted shapes: a number, one limit, a list of limits, or
+/// the split form `{"fn": [...], "step": [...]}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Concurrency {
     Limit(u32),
     One(ConcurrencyLimit),
     Many(Vec<ConcurrencyLimit>),
+    Split {
+        /// Limits held by a run from its start to its end.
+        #[serde(rename = "fn", default, skip_serializing_if = "Vec::is_empty")]
+        run: Vec<ConcurrencyLimit>,
+        /// Limits on concurrently executing steps (the meaning of every other shape).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        step: Vec<ConcurrencyLimit>,
+    },
 }
 
 impl Concurrency {
-    /// All limits as a list.
+    /// The step limits (bounding concurrently executing calls) as a list.
     pub fn limits(&self) -> Vec<ConcurrencyLimit> {
         match self {
             Concurrency::Limit(n) => vec![ConcurrencyLimit {
@@ -161,6 +170,15 @@ impl Concurrency {
             }],
             Concurrency::One(l) => vec![l.clone()],
             Concurrency::Many(v) => v.clone(),
+            Concurrency::Split { step, .. } => step.clone(),
+        }
+    }
+
+    /// The run limits of the split form (held for a whole run); empty for the other shapes.
+    pub fn run_limits(&self) -> Vec<ConcurrencyLimit> {
+        match self {
+            Concurrency::Split { run, .. } => run.clone(),
+            _ => Vec::new(),
         }
     }
 }

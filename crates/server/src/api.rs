@@ -33,7 +33,9 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/events", get(list_events))
         .route("/v1/events/{id}", get(get_event))
         .route("/v1/events/{id}/runs", get(event_runs))
+        .route("/v1/events/{id}/skipped", get(event_skips))
         .route("/v1/runs/{id}", get(get_run).delete(cancel_run))
+        .route("/v1/runs/{id}/queue", get(run_queue))
         .route("/v1/apps/{app}/functions", get(app_functions))
         .route("/v1/checkpoint/{id}/async", post(checkpoint_async))
         .route_layer(middleware::from_fn_with_state(engine.clone(), bearer_auth));
@@ -231,32 +233,76 @@ async fn ingest(
     (StatusCode::OK, Json(json!({"ids": ids, "status": 200}))).into_response()
 }
 
-fn validate_function(f: &cairn_protocol::FunctionConfig) -> Result<(), String> {
+/// A function the sync refuses: which one, which field (if one is to blame), and why.
+struct Invalid {
+    function: String,
+    field: Option<String>,
+    message: String,
+}
+
+fn validate_function(f: &cairn_protocol::FunctionConfig) -> Result<(), Invalid> {
+    let invalid = |field: Option<&str>, message: String| Invalid {
+        function: f.id.clone(),
+        field: field.map(str::to_string),
+        message,
+    };
     if f.id.is_empty() {
-        return Err("function without an id".into());
+        return Err(invalid(Some("id"), "function without an id".into()));
     }
     if f.url().is_none() {
-        return Err(format!("function {}: no step runtime URL", f.id));
+        return Err(invalid(Some("steps"), "no step runtime URL".into()));
     }
     if f.triggers.is_empty() {
-        return Err(format!("function {}: no triggers", f.id));
+        return Err(invalid(Some("triggers"), "no triggers".into()));
     }
-    for t in &f.triggers {
+    for (i, t) in f.triggers.iter().enumerate() {
         match t {
             cairn_protocol::Trigger::Event { event, expression } => {
                 if event.is_empty() {
-                    return Err(format!("function {}: empty trigger event", f.id));
+                    return Err(invalid(
+                        Some(&format!("triggers[{i}].event")),
+                        "empty trigger event".into(),
+                    ));
                 }
                 if let Some(e) = expression.as_deref().filter(|e| !e.trim().is_empty()) {
-                    crate::matcher::check_expr(e).map_err(|m| format!("function {}: {m}", f.id))?;
+                    crate::matcher::check_expr(e)
+                        .map_err(|m| invalid(Some(&format!("triggers[{i}].expression")), m))?;
                 }
             }
             cairn_protocol::Trigger::Cron { cron, .. } => {
-                crate::timers::parse_cron(cron).map_err(|m| format!("function {}: {m}", f.id))?;
+                crate::timers::parse_cron(cron)
+                    .map_err(|m| invalid(Some(&format!("triggers[{i}].cron")), m))?;
             }
         }
     }
-    Ok(())
+    crate::flow::validate::check(f).map_err(|e| invalid(Some(&e.field), e.message))
+}
+
+/// Why a sync was refused, answered as JSON naming the function and field.
+struct SyncError {
+    status: StatusCode,
+    message: String,
+    invalid: Option<Invalid>,
+}
+
+impl SyncError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        SyncError {
+            status,
+            message: message.into(),
+            invalid: None,
+        }
+    }
+
+    fn into_response(self) -> Response {
+        let mut body = json!({"status": self.status.as_u16(), "error": self.message,
+            "message": self.message});
+        if let Some(i) = self.invalid {
+            body["function"] = json!(i.function);
+            body["field"] = json!(i.field);
+        }
+        (self.status, Json(body)).into_response()
+    }
 }
 
 async fn register(State(engine): S, hdrs: HeaderMap, body: Bytes) -> Response {
@@ -285,7 +331,7 @@ async fn register(State(engine): S, hdrs: HeaderMap, body: Bytes) -> Response {
             "sync_id": ulid::Ulid::new().to_string(), "status": 200,
         }))
         .into_response(),
-        Err((status, msg)) => err(status, msg),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -295,16 +341,28 @@ async fn apply_sync(
     engine: &Engine,
     req: RegisterRequest,
     mut raw: Value,
-) -> Result<(String, bool), (StatusCode, String)> {
+) -> Result<(String, bool), SyncError> {
     if req.app_name.trim().is_empty() {
-        return Err((StatusCode::BAD_REQUEST, "appName is required".into()));
+        return Err(SyncError::new(
+            StatusCode::BAD_REQUEST,
+            "appName is required",
+        ));
     }
     for f in &req.functions {
-        if let Err(e) = validate_function(f) {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                format!("At least one function is invalid: {e}"),
-            ));
+        if let Err(i) = validate_function(f) {
+            let field = i
+                .field
+                .as_deref()
+                .map(|f| format!(" {f}:"))
+                .unwrap_or_default();
+            return Err(SyncError {
+                status: StatusCode::BAD_REQUEST,
+                message: format!(
+                    "At least one function is invalid: function {}:{field} {}",
+                    i.function, i.message
+                ),
+                invalid: Some(i),
+            });
         }
     }
     if let Some(o) = raw.as_object_mut() {
@@ -328,7 +386,9 @@ async fn apply_sync(
             config: serde_json::to_value(f).unwrap_or(Value::Null),
         })
         .collect();
-    let internal = |e: crate::store::StoreError| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let internal = |e: crate::store::StoreError| {
+        SyncError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    };
     let modified = engine
         .store
         .sync_app(app, functions)
@@ -420,6 +480,7 @@ fn run_json(r: &Run) -> Value {
         "status": r.status.as_str(),
         "output": r.output,
         "event_id": r.events.first().and_then(|e| e.get("id")).cloned(),
+        "event_ids": r.events.iter().filter_map(|e| e.get("id")).collect::<Vec<_>>(),
         "run_started_at": ms_to_rfc3339(r.created_at),
         "ended_at": r.ended_at.map(ms_to_rfc3339),
     })
@@ -595,6 +656,49 @@ async fn event_runs(State(engine): S, Path(id): Path<String>) -> Response {
     }
 }
 
+/// Runs flow control dropped for an event, and why.
+async fn event_skips(State(engine): S, Path(id): Path<String>) -> Response {
+    let ev = match engine.store.get_event(&id).await {
+        Ok(Some(e)) => e,
+        Ok(None) => return err(StatusCode::NOT_FOUND, "event not found"),
+        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    match engine.store.skips_for_event(&ev.internal_id).await {
+        Ok(skips) => wrap(Value::Array(
+            skips
+                .iter()
+                .map(|s| {
+                    json!({"function_id": s.fn_slug, "reason": s.reason.as_str(),
+                           "skipped_at": ms_to_rfc3339(s.at)})
+                })
+                .collect(),
+        )),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Why a run is not moving: each of its queue items and what holds it.
+async fn run_queue(State(engine): S, Path(id): Path<String>) -> Response {
+    let run = match engine.store.get_run(&id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return err(StatusCode::NOT_FOUND, "run not found"),
+        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    match engine.store.run_queue(&id, engine.now()).await {
+        Ok(items) => {
+            let items: Vec<Value> = items
+                .iter()
+                .map(|i| {
+                    json!({"id": i.id, "kind": i.kind, "available_at": ms_to_rfc3339(i.available_at),
+                           "attempt": i.attempt, "leased": i.leased, "waiting_on": i.waiting_on})
+                })
+                .collect();
+            wrap(json!({"run_id": run.run_id, "status": run.status.as_str(), "items": items}))
+        }
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 async fn app_functions(State(engine): S, Path(app): Path<String>) -> Response {
     let fns: Vec<Value> = engine
         .registry
@@ -635,7 +739,7 @@ pub async fn ping_app(engine: &Engine, url: &str) -> anyhow::Result<String> {
         let raw_req = serde_json::to_value(&req)?;
         return match apply_sync(engine, req, raw_req).await {
             Ok((app, _)) => Ok(format!("in-band sync of app {app}")),
-            Err((_, msg)) => anyhow::bail!("in-band sync of {url} rejected: {msg}"),
+            Err(e) => anyhow::bail!("in-band sync of {url} rejected: {}", e.message),
         };
     }
     let resp = send_put(engine, url, false).await?;

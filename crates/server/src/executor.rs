@@ -86,6 +86,7 @@ pub fn new_run(engine: &Engine, f: &FunctionEntry, ev: &StoredEvent, now: i64) -
         created_at: now,
         items,
         pauses,
+        flow: crate::flow::plan(f, &ev.event, now),
     }
 }
 

@@ -45,6 +45,27 @@ pub fn eval_bool(expr: &str, vars: &[(&str, &Value)]) -> Result<bool, String> {
     }
 }
 
+/// Evaluates a CEL expression to a JSON value (keys, priorities). Scalars convert exactly;
+/// anything else becomes its debug text, which is still a stable key.
+pub fn eval_value(expr: &str, vars: &[(&str, &Value)]) -> Result<Value, String> {
+    let program =
+        cel::Program::compile(expr).map_err(|e| format!("invalid expression {expr:?}: {e}"))?;
+    let mut ctx = cel::Context::default();
+    for (name, value) in vars {
+        ctx.add_variable_from_value(*name, json_to_cel(value));
+    }
+    let v = program.execute(&ctx).map_err(|e| e.to_string())?;
+    Ok(match v {
+        cel::Value::Null => Value::Null,
+        cel::Value::Bool(b) => Value::Bool(b),
+        cel::Value::Int(i) => Value::from(i),
+        cel::Value::UInt(u) => Value::from(u),
+        cel::Value::Float(f) => Value::from(f),
+        cel::Value::String(s) => Value::String(s.as_ref().clone()),
+        other => Value::String(format!("{other:?}")),
+    })
+}
+
 /// Checks that an expression compiles (used when validating a sync).
 pub fn check_expr(expr: &str) -> Result<(), String> {
     cel::Program::compile(expr)
@@ -202,10 +223,6 @@ async fn process_event(
         None => matching_functions(&engine.registry, &ev.event),
     };
     for f in targets {
-        if let crate::flow::Admission::Skip(why) = crate::flow::admit(&f, &ev.event) {
-            tracing::debug!(function = %f.slug, %why, "run skipped by flow control");
-            continue;
-        }
         runs.push(crate::executor::new_run(engine, &f, &ev, now));
     }
     let created = engine

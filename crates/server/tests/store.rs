@@ -52,6 +52,7 @@ async fn make_run(store: &SqliteStore, run_id: &str) -> String {
             unless_memo: None,
         }],
         pauses: vec![],
+        flow: Default::default(),
     };
     let created = store
         .apply_event(stored, vec![run], vec![], matcher(), 1)

@@ -282,6 +282,186 @@ pub struct NewRun {
     pub items: Vec<NewItem>,
     /// Cancellation pauses.
     pub pauses: Vec<Pause>,
+    /// Flow control the store enforces atomically with creating the run.
+    pub flow: RunFlow,
+}
+
+/// A concurrency limit resolved for one run: at most `limit` holders of `key` at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    /// Scope-qualified key (`f:<slug>:<value>`, `e:<value>`, `a:<value>`).
+    pub key: String,
+    /// Most holders at once.
+    pub limit: u32,
+}
+
+/// A generic cell rate (GCRA) limit resolved for one run: `limit` per `period_ms`, with
+/// `burst` extra allowed at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gcra {
+    /// Function- and kind-qualified key.
+    pub key: String,
+    /// Admissions per period.
+    pub limit: u32,
+    /// Period, ms.
+    pub period_ms: i64,
+    /// Extra admissions allowed at once.
+    pub burst: u32,
+}
+
+impl Gcra {
+    /// Emission interval: the spacing between admissions at the steady rate.
+    pub fn interval(&self) -> i64 {
+        (self.period_ms / i64::from(self.limit.max(1))).max(1)
+    }
+
+    /// Throttle: given the stored theoretical arrival time (`None` = never used), when may a
+    /// run arriving `now` start, and what is the new theoretical arrival time.
+    pub fn delay(&self, tat: Option<i64>, now: i64) -> (i64, i64) {
+        let t = self.interval();
+        let tat = tat.unwrap_or(now).max(now);
+        let start = now.max(tat - i64::from(self.burst) * t);
+        (start, tat.max(start) + t)
+    }
+
+    /// Rate limit: whether a run arriving `now` may start (`Some(new tat)`) or is dropped.
+    /// Up to `limit` runs fit in any window of `period_ms`.
+    pub fn admit(&self, tat: Option<i64>, now: i64) -> Option<i64> {
+        let t = self.interval();
+        let tolerance = self.period_ms - t;
+        let tat = tat.unwrap_or(now).max(now);
+        (now >= tat - tolerance).then_some(tat + t)
+    }
+}
+
+/// Why a would-be run was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// `rateLimit` exceeded.
+    RateLimit,
+    /// `idempotency` key already used within 24 h.
+    Idempotency,
+    /// `singleton` in skip mode with a run already going.
+    Singleton,
+}
+
+impl SkipReason {
+    /// Wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::RateLimit => "rate_limit",
+            SkipReason::Idempotency => "idempotency",
+            SkipReason::Singleton => "singleton",
+        }
+    }
+
+    /// Parse the wire spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "rate_limit" => SkipReason::RateLimit,
+            "idempotency" => SkipReason::Idempotency,
+            "singleton" => SkipReason::Singleton,
+            _ => return None,
+        })
+    }
+}
+
+/// Flow control for one would-be run, with every key expression already evaluated against
+/// its event (see `flow::plan`). The default is "no flow control".
+#[derive(Debug, Clone, Default)]
+pub struct RunFlow {
+    /// Step concurrency limits (at most two); carried by every SDK call of the run.
+    pub concurrency: Vec<Slot>,
+    /// Run concurrency limit (`concurrency.fn`): held from the run's first call to its end.
+    pub run_slot: Option<Slot>,
+    /// Delay the start to respect a throttle.
+    pub throttle: Option<Gcra>,
+    /// Drop the run if the limit is used up.
+    pub rate_limit: Option<(Gcra, SkipReason)>,
+    /// At most one running run per key: `(key, cancel_running)`.
+    pub singleton: Option<(String, bool)>,
+    /// Start `period_ms` after the last event for `key`.
+    pub debounce: Option<Debounce>,
+    /// Collect events for `key` into one run.
+    pub batch: Option<Batch>,
+    /// Milliseconds to move the start ahead (positive) or behind in the queue.
+    pub priority_ms: i64,
+}
+
+/// A debounce resolved for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Debounce {
+    /// Evaluated key.
+    pub key: String,
+    /// Quiet period, ms.
+    pub period_ms: i64,
+    /// Longest delay after the first event, ms.
+    pub timeout_ms: Option<i64>,
+    /// The event's `ts`: the latest one wins.
+    pub ts: i64,
+}
+
+/// A batch resolved for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Evaluated key.
+    pub key: String,
+    /// Events that close the batch at once.
+    pub max_size: u32,
+    /// Longest wait after the first event, ms.
+    pub timeout_ms: i64,
+}
+
+/// A dropped run, as recorded for operators.
+#[derive(Debug, Clone, Serialize)]
+pub struct Skip {
+    /// Function slug.
+    pub fn_slug: String,
+    /// Why.
+    pub reason: SkipReason,
+    /// When, unix ms.
+    pub at: i64,
+}
+
+/// Why a queue item is not running yet (introspection).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Hold {
+    /// A concurrency limit is full.
+    Concurrency {
+        /// The full key.
+        key: String,
+        /// Its limit.
+        limit: u32,
+        /// Holders now.
+        in_progress: i64,
+    },
+    /// Delayed by a throttle.
+    Throttle,
+    /// Waiting for the debounce period to pass.
+    Debounce,
+    /// Waiting for the batch to fill or time out.
+    Batch,
+    /// Due later (sleep, retry backoff).
+    Scheduled,
+}
+
+/// One queue item of a run, for introspection.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueInfo {
+    /// Item id.
+    pub id: String,
+    /// What it does.
+    pub kind: ItemKind,
+    /// Earliest start, unix ms.
+    pub available_at: i64,
+    /// 0-based attempt.
+    pub attempt: i64,
+    /// Being handled by a worker now.
+    pub leased: bool,
+    /// What holds it, if anything.
+    pub waiting_on: Option<Hold>,
 }
 
 /// How a run ended.
@@ -362,8 +542,12 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         name: Option<String>,
     ) -> StoreResult<Vec<StoredEvent>>;
-    /// Runs started by an event (internal id).
+    /// Runs started by an event (internal id), including batches it joined.
     async fn runs_for_event(&self, internal_id: &str) -> StoreResult<Vec<Run>>;
+    /// Runs flow control dropped for an event (internal id).
+    async fn skips_for_event(&self, internal_id: &str) -> StoreResult<Vec<Skip>>;
+    /// The queue items of a run and what holds each (introspection).
+    async fn run_queue(&self, run_id: &str, now: i64) -> StoreResult<Vec<QueueInfo>>;
 
     /// Upsert an app and its functions; functions of the app not listed are
     /// removed. Returns whether anything changed.
@@ -420,6 +604,37 @@ pub trait Store: Send + Sync + 'static {
         tick: i64,
         event: Option<NewEvent>,
     ) -> StoreResult<bool>;
+}
+
+/// The `inngest/function.finished` event that fails an invoke whose target was dropped by
+/// flow control, so the caller's `step.invoke` fails instead of waiting for its timeout.
+pub fn skipped_invoke_event(
+    fn_slug: &str,
+    trigger: &Value,
+    reason: SkipReason,
+    now: i64,
+) -> Option<NewEvent> {
+    let corr = trigger
+        .pointer("/data/_inngest/correlation_id")
+        .and_then(Value::as_str)?;
+    let message = format!("function {fn_slug} was not started: {}", reason.as_str());
+    Some(NewEvent {
+        internal_id: ulid::Ulid::new().to_string(),
+        event: serde_json::json!({
+            "name": "inngest/function.finished",
+            "id": ulid::Ulid::new().to_string(),
+            "ts": now,
+            "user": {},
+            "data": {
+                "function_id": fn_slug,
+                "correlation_id": corr,
+                "error": {"name": "Error", "message": message, "error": format!("Error: {message}")},
+                "_inngest": {"status": "Skipped"},
+            }
+        }),
+        received_at: now,
+        target_fn: None,
+    })
 }
 
 /// The memo a resumed pause stores, shared by all store implementations.

@@ -13,8 +13,10 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::path::{Path, PathBuf};
 use tokio::sync::oneshot;
 
+mod flow;
+
 /// Schema version stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Most closures merged into one transaction; bounds commit latency under load.
 const MAX_BATCH: usize = 512;
@@ -32,6 +34,8 @@ pub struct SqliteStore {
     /// re-prepared statements on every read and left a blocking thread per waiting read.
     reader_slots: tokio::sync::Semaphore,
     stats: Arc<WriterStats>,
+    /// When parked queue items were last re-checked, unix ms.
+    last_repair: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// Counters from the writer thread, to observe group commit.
@@ -83,6 +87,9 @@ CREATE TABLE cron(
   fn_slug TEXT NOT NULL, schedule TEXT NOT NULL, last_tick INTEGER NOT NULL,
   PRIMARY KEY(fn_slug, schedule));
 "#;
+
+/// Schema steps: `MIGRATIONS[v]` takes a version-`v` database to version `v + 1`.
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA, flow::SCHEMA_V2];
 
 /// Reader connections kept open: enough to overlap reads with the writer on a few cores.
 const READERS: usize = 4;
@@ -158,8 +165,11 @@ impl SqliteStore {
                     path.display()
                 )));
             }
+            // Each step of MIGRATIONS takes the schema one version up; all pending steps
+            // commit together or not at all.
+            let steps: String = MIGRATIONS[version as usize..].concat();
             conn.execute_batch(&format!(
-                "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+                "BEGIN IMMEDIATE; {steps} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
             ))
             .map_err(unusable)?;
         }
@@ -176,6 +186,7 @@ impl SqliteStore {
             readers: Mutex::new(Vec::new()),
             reader_slots: tokio::sync::Semaphore::new(READERS),
             stats,
+            last_repair: Arc::default(),
         })
     }
 
@@ -383,6 +394,17 @@ fn insert_item(conn: &Connection, item: &NewItem) -> rusqlite::Result<()> {
             return Ok(());
         }
     }
+    if matches!(item.kind, ItemKind::Call { .. }) {
+        // SDK calls are what step concurrency limits count.
+        let ck: Option<Option<String>> = conn
+            .prepare_cached("SELECT ck FROM runs WHERE run_id=?")?
+            .query_row([&item.run_id], |r| r.get(0))
+            .optional()?;
+        if let Some(ck) = ck.flatten() {
+            let slots: Vec<Slot> = serde_json::from_str(&ck).unwrap_or_default();
+            return flow::insert_keyed(conn, item, &slots, None, None);
+        }
+    }
     conn.prepare_cached(
         "INSERT OR IGNORE INTO queue(id, run_id, kind, available_at, due_at, attempt) VALUES (?,?,?,?,?,0)",
     )?
@@ -422,7 +444,15 @@ fn finish_run(
     if n == 0 {
         return Ok(false);
     }
+    let held = flow::run_keys(conn, run_id, now)?;
     conn.prepare_cached("DELETE FROM queue WHERE run_id=?")?
+        .execute([run_id])?;
+    for key in &held {
+        flow::free(conn, key)?;
+    }
+    conn.prepare_cached("DELETE FROM debounces WHERE run_id=?")?
+        .execute([run_id])?;
+    conn.prepare_cached("DELETE FROM batches WHERE run_id=?")?
         .execute([run_id])?;
     conn.prepare_cached("DELETE FROM pauses WHERE run_id=?")?
         .execute([run_id])?;
@@ -544,16 +574,22 @@ fn apply_inner(
     matcher: &dyn PauseMatcher,
     now: i64,
 ) -> StoreResult<()> {
+    let mut item_keys: Vec<String> = Vec::new();
     if let Some((id, owner)) = &a.item {
-        let held: Option<Option<String>> = conn
-            .prepare_cached("SELECT lease_owner FROM queue WHERE id=?")
+        type Held = (Option<String>, Option<String>, Option<String>);
+        let held: Option<Held> = conn
+            .prepare_cached("SELECT lease_owner, ck1, ck2 FROM queue WHERE id=?")
             .map_err(be)?
-            .query_row([id], |r| r.get(0))
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()
             .map_err(be)?;
-        if held.flatten().as_deref() != Some(owner.as_str()) {
+        let Some((lease_owner, ck1, ck2)) = held else {
+            return Err(StoreError::LeaseLost(id.clone()));
+        };
+        if lease_owner.as_deref() != Some(owner.as_str()) {
             return Err(StoreError::LeaseLost(id.clone()));
         }
+        item_keys.extend(ck1.into_iter().chain(ck2));
     }
     if let Some((id, at)) = &a.dispatch {
         let current: Option<i64> = conn
@@ -649,16 +685,20 @@ fn apply_inner(
             }
         }
         if let Some((id, _)) = &a.item {
-            match a.retry {
-                Some((attempt, at)) if running && a.finish.is_none() => {
-                    conn.prepare_cached(
+            let n = match a.retry {
+                Some((attempt, at)) if running && a.finish.is_none() => conn
+                    .prepare_cached(
                         "UPDATE queue SET attempt=?, available_at=?, due_at=?, lease_owner=NULL WHERE id=?",
                     )?
-                    .execute(params![attempt, at, at, id])?;
-                }
-                _ => {
-                    conn.prepare_cached("DELETE FROM queue WHERE id=?")?
-                        .execute([id])?;
+                    .execute(params![attempt, at, at, id])?,
+                _ => conn
+                    .prepare_cached("DELETE FROM queue WHERE id=?")?
+                    .execute([id])?,
+            };
+            // When the run ended above, finish_run already freed this item's slots.
+            if n == 1 {
+                for key in &item_keys {
+                    flow::free(conn, key)?;
                 }
             }
         }
@@ -708,21 +748,51 @@ impl Store for SqliteStore {
             let f = || -> rusqlite::Result<Vec<String>> {
                 let mut created = Vec::new();
                 for r in &runs {
+                    // A redelivered event must not use up a rate limit or join a batch twice.
+                    let seen = conn
+                        .prepare_cached("SELECT 1 FROM runs WHERE fn_slug=? AND idem_key=?")?
+                        .query_row(params![r.fn_slug, r.idem_key], |_| Ok(()))
+                        .optional()?
+                        .is_some();
+                    if seen {
+                        continue;
+                    }
+                    let start_id = format!("{}:start", r.run_id);
+                    let mut start = (
+                        r.items.iter().find(|i| i.id == start_id).map_or(now, |i| i.available_at),
+                        None,
+                    );
+                    if let flow::Admit::Absorbed = flow::admit(conn, r, now, &mut start)? {
+                        continue;
+                    }
+                    let fl = &r.flow;
+                    let ck = (!fl.concurrency.is_empty()).then(|| j(&fl.concurrency));
                     let n = conn
                         .prepare_cached(
-                            "INSERT OR IGNORE INTO runs(run_id, fn_slug, idem_key, trigger_event, status, events, created_at)
-                             VALUES (?,?,?,?, 'Running', ?, ?)",
+                            "INSERT OR IGNORE INTO runs(run_id, fn_slug, idem_key, trigger_event, status, events,
+                               created_at, ck, run_slot, started, singleton_key)
+                             VALUES (?,?,?,?, 'Running', ?, ?, ?, ?, ?, ?)",
                         )?
-                        .execute(params![r.run_id, r.fn_slug, r.idem_key, r.trigger_internal_id, j(&r.events), r.created_at])?;
+                        .execute(params![
+                            r.run_id, r.fn_slug, r.idem_key, r.trigger_internal_id, j(&r.events),
+                            r.created_at, ck, fl.run_slot.as_ref().map(|s| &s.key),
+                            fl.run_slot.is_none() as i64, fl.singleton.as_ref().map(|s| &s.0)
+                        ])?;
                     if n == 0 {
                         continue;
                     }
                     for item in &r.items {
-                        insert_item(conn, item)?;
+                        if item.id == start_id {
+                            let item = NewItem { available_at: start.0, ..item.clone() };
+                            flow::insert_keyed(conn, &item, &fl.concurrency, fl.run_slot.as_ref(), start.1)?;
+                        } else {
+                            insert_item(conn, item)?;
+                        }
                     }
                     for p in &r.pauses {
                         insert_pause(conn, p)?;
                     }
+                    flow::after_create(conn, r, now)?;
                     created.push(r.run_id.clone());
                 }
                 for e in &extra_events {
@@ -801,12 +871,37 @@ impl Store for SqliteStore {
         let id = internal_id.to_string();
         self.read(move |c| {
             c.prepare_cached(&format!(
-                "SELECT {RUN_COLS} FROM runs WHERE trigger_event=? ORDER BY run_id"
+                "SELECT {RUN_COLS} FROM runs WHERE trigger_event=?1
+                 OR run_id IN (SELECT run_id FROM run_triggers WHERE internal_id=?1) ORDER BY run_id"
             ))?
             .query_map([id], row_run)?
             .collect()
         })
         .await
+    }
+
+    async fn skips_for_event(&self, internal_id: &str) -> StoreResult<Vec<Skip>> {
+        let id = internal_id.to_string();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT fn_slug, reason, at FROM skips WHERE internal_id=? ORDER BY seq",
+            )?
+            .query_map([id], |r| {
+                let reason: String = r.get(1)?;
+                Ok(Skip {
+                    fn_slug: r.get(0)?,
+                    reason: SkipReason::parse(&reason).unwrap_or(SkipReason::RateLimit),
+                    at: r.get(2)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn run_queue(&self, run_id: &str, now: i64) -> StoreResult<Vec<QueueInfo>> {
+        let id = run_id.to_string();
+        self.read(move |c| flow::run_queue(c, &id, now)).await
     }
 
     async fn sync_app(&self, app: AppRecord, functions: Vec<FunctionRecord>) -> StoreResult<bool> {
@@ -925,27 +1020,14 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> StoreResult<Vec<QueueItem>> {
         let owner = owner.to_string();
+        let last = self.last_repair.clone();
         self.write(move |conn| {
-            let f = || -> rusqlite::Result<Vec<QueueItem>> {
-                let rows: Vec<(String, String, String, i64, i64)> = conn
-                    .prepare_cached(
-                        "UPDATE queue SET lease_owner=?1, due_at=?2
-                         WHERE id IN (SELECT id FROM queue WHERE due_at<=?3 ORDER BY due_at LIMIT ?4)
-                         RETURNING id, run_id, kind, attempt, available_at",
-                    )?
-                    .query_map(params![owner, lease_until, now, limit as i64], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                    })?
-                    .collect::<Result<_, _>>()?;
-                Ok(rows
-                    .into_iter()
-                    .filter_map(|(id, run_id, kind, attempt, available_at)| {
-                        let kind = serde_json::from_str(&kind).ok()?;
-                        Some(QueueItem { id, run_id, kind, attempt, available_at })
-                    })
-                    .collect())
-            };
-            f().map_err(be)
+            use std::sync::atomic::Ordering::Relaxed;
+            let repair = now - last.load(Relaxed) >= flow::REPAIR_EVERY_MS;
+            if repair {
+                last.store(now, Relaxed);
+            }
+            flow::claim(conn, &owner, now, lease_until, limit, repair).map_err(be)
         })
         .await
     }
@@ -966,19 +1048,33 @@ impl Store for SqliteStore {
     async fn release(&self, owner: &str, id: &str) -> StoreResult<()> {
         let (owner, id) = (owner.to_string(), id.to_string());
         self.write(move |conn| {
-            conn.execute(
-                "UPDATE queue SET lease_owner=NULL, due_at=available_at WHERE id=? AND lease_owner=?",
-                params![id, owner],
-            )
-            .map_err(be)?;
-            Ok(())
+            let go = || -> rusqlite::Result<()> {
+                let keys = flow::item_keys(conn, &id)?;
+                let n = conn.execute(
+                    "UPDATE queue SET lease_owner=NULL, due_at=available_at WHERE id=? AND lease_owner=?",
+                    params![id, owner],
+                )?;
+                if n == 1 {
+                    for key in &keys {
+                        flow::free(conn, key)?;
+                    }
+                }
+                Ok(())
+            };
+            go().map_err(be)
         })
         .await
     }
 
     async fn next_due(&self) -> StoreResult<Option<i64>> {
-        self.read(|c| c.query_row("SELECT min(due_at) FROM queue", [], |r| r.get(0)))
-            .await
+        self.read(|c| {
+            c.query_row(
+                "SELECT min(due_at) FROM queue WHERE blocked_on IS NULL",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .await
     }
 
     async fn queue_depth(&self) -> StoreResult<i64> {
@@ -1004,6 +1100,15 @@ impl Store for SqliteStore {
                     "DELETE FROM events WHERE seq IN (SELECT seq FROM events
                      WHERE processed = 1 AND received_at < ?1 LIMIT 5000)",
                     [before],
+                )?;
+                // Flow-control leftovers: limits whose window has passed, old skip records,
+                // batch links of runs that are gone.
+                conn.execute("DELETE FROM gcra WHERE tat < ?1", [before])?;
+                conn.execute("DELETE FROM skips WHERE at < ?1", [before])?;
+                conn.execute(
+                    "DELETE FROM run_triggers WHERE rowid IN (SELECT t.rowid FROM run_triggers t
+                     LEFT JOIN runs r ON r.run_id = t.run_id WHERE r.run_id IS NULL LIMIT 5000)",
+                    [],
                 )?;
                 Ok((runs as u64, events as u64))
             };
