@@ -123,7 +123,10 @@ fn user_error(name: &str, message: impl Into<String>) -> Value {
 }
 
 /// Handle one claimed item end to end. Never panics the worker: failures are logged.
-pub async fn handle(engine: Arc<Engine>, item: QueueItem) {
+///
+/// With `go_on`, the run's next due item is leased to this process in the same commit as the
+/// result and returned, so the caller can handle it at once instead of claiming it.
+pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option<QueueItem> {
     let res = match item.kind.clone() {
         ItemKind::Call { step, predecessor } => call(&engine, &item, step, predecessor).await,
         ItemKind::Wake { step } => {
@@ -175,18 +178,34 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem) {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(item = %item.id, error = %e, "handling queue item");
-            return;
+            return None;
         }
     };
     let emits_events =
         !apply.events.is_empty() || !apply.pauses.is_empty() || apply.finish.is_some();
     let finish = apply.finish.as_ref().map(|f| f.status);
-    match engine
-        .store
-        .apply(apply, engine.pause_matcher(), engine.now())
-        .await
-    {
-        Ok(()) => {
+    let now = engine.now();
+    let applied = if go_on {
+        let lease_until = now + engine.config.lease.as_millis() as i64;
+        engine
+            .store
+            .apply_and_continue(
+                apply,
+                engine.pause_matcher(),
+                now,
+                &engine.owner,
+                lease_until,
+            )
+            .await
+    } else {
+        engine
+            .store
+            .apply(apply, engine.pause_matcher(), now)
+            .await
+            .map(|()| None)
+    };
+    match applied {
+        Ok(next) => {
             if let Some(s) = finish {
                 match s {
                     RunStatus::Completed => {
@@ -203,11 +222,16 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem) {
                 engine.events_wake.notify_one();
             }
             engine.queue_wake.notify_one();
+            next
         }
         Err(crate::store::StoreError::LeaseLost(id)) => {
             tracing::debug!(item = %id, "lease lost; result dropped");
+            None
         }
-        Err(e) => tracing::error!(item = %item.id, error = %e, "applying result"),
+        Err(e) => {
+            tracing::error!(item = %item.id, error = %e, "applying result");
+            None
+        }
     }
 }
 

@@ -67,11 +67,18 @@ pub async fn run_workers(engine: Arc<Engine>) {
                         let Ok(permit) = sem.clone().acquire_owned().await else {
                             break;
                         };
-                        let guard = InFlight::enter(&inflight, &item.id);
                         let engine = engine.clone();
+                        let inflight = inflight.clone();
                         tokio::spawn(async move {
-                            crate::executor::handle(engine.clone(), item).await;
-                            drop(guard);
+                            // Go on with the same run while it has due work: its next item
+                            // comes back leased from the commit of this one's result.
+                            let mut item = Some(item);
+                            while let Some(current) = item.take() {
+                                let _guard = InFlight::enter(&inflight, &current.id);
+                                let go_on = !*engine.shutdown.borrow();
+                                item =
+                                    crate::executor::handle(engine.clone(), current, go_on).await;
+                            }
                             drop(permit);
                             engine.queue_wake.notify_one();
                         });

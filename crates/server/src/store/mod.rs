@@ -6,6 +6,7 @@
 //! SQL or SQLite type crosses it. Each mutating call is one atomic unit: when it
 //! returns `Ok`, the change is durable.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::sync::Arc;
 
+pub use postgres::{PgOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
 /// Errors surfaced by a store.
@@ -568,6 +570,20 @@ pub trait Store: Send + Sync + 'static {
         matcher: Arc<dyn PauseMatcher>,
         now: i64,
     ) -> StoreResult<()>;
+    /// [`Store::apply`], then, in the same transaction, lease the run's next due item to
+    /// `owner` so the caller can go straight on with the run: one commit per step instead of
+    /// an apply and a claim. Items under concurrency limits are left to the claim path. A
+    /// backend without this answers `None` and the item is claimed as usual.
+    async fn apply_and_continue(
+        &self,
+        apply: Apply,
+        matcher: Arc<dyn PauseMatcher>,
+        now: i64,
+        _owner: &str,
+        _lease_until: i64,
+    ) -> StoreResult<Option<QueueItem>> {
+        self.apply(apply, matcher, now).await.map(|()| None)
+    }
     /// Cancel a running run (API). Returns false if it was not running.
     async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool>;
 

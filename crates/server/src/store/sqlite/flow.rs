@@ -444,6 +444,43 @@ pub(super) fn claim(
     Ok(out)
 }
 
+/// Lease the run's next due item to `owner`, unless flow control must look at it first
+/// (concurrency keys, an open debounce or batch).
+pub(super) fn lease_next(
+    conn: &Connection,
+    run_id: &str,
+    owner: &str,
+    now: i64,
+    lease_until: i64,
+) -> rusqlite::Result<Option<QueueItem>> {
+    let next: Option<(String, String, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT id, kind, attempt, available_at FROM queue
+             WHERE run_id=? AND lease_owner IS NULL AND due_at<=? AND blocked_on IS NULL
+               AND ck1 IS NULL AND ck2 IS NULL AND rk IS NULL AND hold IS NULL
+             ORDER BY due_at LIMIT 1",
+        )?
+        .query_row(params![run_id, now], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    let Some((id, kind, attempt, available_at)) = next else {
+        return Ok(None);
+    };
+    let Ok(kind) = serde_json::from_str(&kind) else {
+        return Ok(None);
+    };
+    conn.prepare_cached("UPDATE queue SET lease_owner=?, due_at=? WHERE id=?")?
+        .execute(params![owner, lease_until, id])?;
+    Ok(Some(QueueItem {
+        id,
+        run_id: run_id.to_string(),
+        kind,
+        attempt,
+        available_at,
+    }))
+}
+
 /// Un-park as many items per key as the key has free slots.
 fn repair_parked(conn: &Connection, now: i64) -> rusqlite::Result<()> {
     let parked: Vec<(String, i64)> = conn

@@ -995,6 +995,22 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn apply_and_continue(
+        &self,
+        apply: Apply,
+        matcher: Arc<dyn PauseMatcher>,
+        now: i64,
+        owner: &str,
+        lease_until: i64,
+    ) -> StoreResult<Option<QueueItem>> {
+        let owner = owner.to_string();
+        self.write(move |conn| {
+            apply_inner(conn, &apply, matcher.as_ref(), now)?;
+            flow::lease_next(conn, &apply.run_id, &owner, now, lease_until).map_err(be)
+        })
+        .await
+    }
+
     async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool> {
         let id = run_id.to_string();
         self.write(move |conn| {

@@ -1,0 +1,1368 @@
+//! PostgreSQL implementation of [`Store`], for one or several `cairn` processes sharing a
+//! database.
+//!
+//! Every mutating call is one transaction at READ COMMITTED with the server's default
+//! `synchronous_commit`, so an `Ok` means the change is on the server's disk. Several
+//! processes may call any method at the same time; what the SQLite store gets from its single
+//! writer thread is rebuilt here from locks:
+//!
+//! * **Queue items** are claimed with `FOR UPDATE SKIP LOCKED` and leased (`due_at` holds
+//!   the lease expiry), so two nodes never take the same item and an expired lease is
+//!   simply due again. A result is applied only while its lease is still held.
+//! * **Concurrency limits**: claiming takes a transaction-scoped advisory lock per key
+//!   before counting holders, so two nodes cannot both take a key's last slot.
+//! * **Waits**: matching an event against pauses and inserting a pause both take an
+//!   advisory lock on the event name, so one of them always sees the other (see
+//!   [`PostgresStore::event_high_water`] for how "after the wait started" is decided).
+//! * **Runs** are unique on `(function, idempotency key)`; an event is matched at most once
+//!   (re-checked under its name lock), and each run's row is locked before it is read and
+//!   changed.
+//! * **Flow-control state** (GCRA, debounce, batch, singleton) is read and written under an
+//!   advisory lock on its key.
+//! * **Cron**: a conditional upsert fires each tick exactly once.
+//!
+//! Deadlocks and serialisation failures, which lock ordering makes rare but cannot rule
+//! out across tables, roll the transaction back and run it again.
+
+use super::*;
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use std::time::Duration;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+mod flow;
+
+/// Schema version this build writes, stored in the `schema_version` table.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Schema steps: `MIGRATIONS[v]` takes a version-`v` database to version `v + 1`.
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1];
+
+const SCHEMA_V1: &str = r#"
+CREATE TABLE apps(
+  name TEXT PRIMARY KEY, url TEXT NOT NULL, sdk TEXT NOT NULL,
+  checksum TEXT NOT NULL, synced_at BIGINT NOT NULL);
+CREATE TABLE functions(
+  slug TEXT PRIMARY KEY, app TEXT NOT NULL, config TEXT NOT NULL);
+CREATE TABLE events(
+  seq BIGSERIAL PRIMARY KEY, internal_id TEXT NOT NULL UNIQUE,
+  user_id TEXT, name TEXT NOT NULL, body TEXT NOT NULL, received_at BIGINT NOT NULL,
+  target_fn TEXT, processed BOOLEAN NOT NULL DEFAULT false,
+  xid BIGINT NOT NULL DEFAULT (pg_current_xact_id()::text::bigint));
+CREATE INDEX events_unprocessed ON events(seq) WHERE NOT processed;
+CREATE INDEX events_name ON events(name, seq);
+CREATE INDEX events_name_xid ON events(name, xid);
+CREATE INDEX events_user_id ON events(user_id);
+CREATE TABLE runs(
+  run_id TEXT PRIMARY KEY, fn_slug TEXT NOT NULL, idem_key TEXT NOT NULL,
+  trigger_event TEXT NOT NULL, status TEXT NOT NULL, events TEXT NOT NULL,
+  version BIGINT NOT NULL DEFAULT -1, disable_immediate BOOLEAN NOT NULL DEFAULT false,
+  pending TEXT NOT NULL DEFAULT '[]', output TEXT, created_at BIGINT NOT NULL,
+  ended_at BIGINT,
+  ck1 TEXT, cl1 BIGINT, ck2 TEXT, cl2 BIGINT,
+  run_slot TEXT, started BOOLEAN NOT NULL DEFAULT true, singleton_key TEXT,
+  UNIQUE(fn_slug, idem_key));
+CREATE INDEX runs_trigger ON runs(trigger_event);
+CREATE INDEX runs_ended ON runs(ended_at) WHERE status <> 'Running';
+CREATE INDEX runs_singleton ON runs(fn_slug, singleton_key)
+  WHERE singleton_key IS NOT NULL AND status = 'Running';
+CREATE INDEX runs_slot ON runs(run_slot)
+  WHERE run_slot IS NOT NULL AND status = 'Running' AND started;
+CREATE TABLE steps(
+  seq BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL, hash TEXT NOT NULL,
+  memo TEXT NOT NULL, UNIQUE(run_id, hash));
+CREATE TABLE queue(
+  id TEXT PRIMARY KEY, run_id TEXT NOT NULL, kind TEXT NOT NULL,
+  available_at BIGINT NOT NULL, due_at BIGINT NOT NULL, attempt BIGINT NOT NULL DEFAULT 0,
+  lease_owner TEXT,
+  ck1 TEXT, cl1 BIGINT, ck2 TEXT, cl2 BIGINT, rk TEXT, rl BIGINT,
+  blocked_on TEXT, hold TEXT);
+CREATE INDEX queue_due ON queue(due_at) WHERE blocked_on IS NULL;
+CREATE INDEX queue_run ON queue(run_id);
+CREATE INDEX queue_ck1 ON queue(ck1, due_at) WHERE ck1 IS NOT NULL AND lease_owner IS NOT NULL;
+CREATE INDEX queue_ck2 ON queue(ck2, due_at) WHERE ck2 IS NOT NULL AND lease_owner IS NOT NULL;
+CREATE INDEX queue_blocked ON queue(blocked_on, due_at) WHERE blocked_on IS NOT NULL;
+CREATE TABLE pauses(
+  id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step TEXT NOT NULL, kind TEXT NOT NULL,
+  event_name TEXT NOT NULL, expr TEXT, correlation TEXT, trigger_event TEXT NOT NULL,
+  expires_at BIGINT NOT NULL, since_seq BIGINT NOT NULL);
+CREATE INDEX pauses_event ON pauses(event_name);
+CREATE INDEX pauses_corr ON pauses(correlation) WHERE correlation IS NOT NULL;
+CREATE INDEX pauses_run ON pauses(run_id);
+CREATE TABLE cron(
+  fn_slug TEXT NOT NULL, schedule TEXT NOT NULL, last_tick BIGINT NOT NULL,
+  PRIMARY KEY(fn_slug, schedule));
+CREATE TABLE gcra(key TEXT PRIMARY KEY, tat BIGINT NOT NULL);
+CREATE TABLE debounces(
+  fn_slug TEXT NOT NULL, key TEXT NOT NULL, run_id TEXT NOT NULL,
+  first_at BIGINT NOT NULL, ts BIGINT NOT NULL, PRIMARY KEY(fn_slug, key));
+CREATE INDEX debounces_run ON debounces(run_id);
+CREATE TABLE batches(
+  fn_slug TEXT NOT NULL, key TEXT NOT NULL, run_id TEXT NOT NULL,
+  size BIGINT NOT NULL, PRIMARY KEY(fn_slug, key));
+CREATE INDEX batches_run ON batches(run_id);
+CREATE TABLE run_triggers(internal_id TEXT NOT NULL, run_id TEXT NOT NULL,
+  PRIMARY KEY(internal_id, run_id));
+CREATE TABLE skips(
+  seq BIGSERIAL PRIMARY KEY, internal_id TEXT NOT NULL, fn_slug TEXT NOT NULL,
+  reason TEXT NOT NULL, at BIGINT NOT NULL);
+CREATE INDEX skips_event ON skips(internal_id);
+"#;
+
+/// Advisory-lock key that serialises migrations of one database across starting nodes.
+const MIGRATION_LOCK: &str = "cairn:migrate";
+
+/// Times a transaction is re-run after a deadlock or serialisation failure.
+const MAX_RETRIES: u32 = 8;
+
+/// How to connect to PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Connections kept in the pool (per process).
+    pub pool_size: usize,
+    /// Server-side limit on any one statement, set on every connection.
+    pub statement_timeout: Duration,
+    /// Schema to keep Cairn's tables in (created if absent); `None` uses the connection's
+    /// default `search_path`. Lets several deployments or tests share one database.
+    pub schema: Option<String>,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            pool_size: 16,
+            statement_timeout: Duration::from_secs(30),
+            schema: None,
+        }
+    }
+}
+
+/// PostgreSQL-backed store. Cheap to share behind an `Arc`; see the module docs.
+pub struct PostgresStore {
+    pool: Pool,
+    /// When this process last re-checked parked queue items, unix ms.
+    last_repair: std::sync::atomic::AtomicI64,
+}
+
+/// Errors inside a transaction: PostgreSQL's own (some retryable) or the engine's.
+#[derive(Debug)]
+enum E {
+    Pg(tokio_postgres::Error),
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for E {
+    fn from(e: tokio_postgres::Error) -> Self {
+        E::Pg(e)
+    }
+}
+
+impl From<StoreError> for E {
+    fn from(e: StoreError) -> Self {
+        E::Store(e)
+    }
+}
+
+impl From<E> for StoreError {
+    fn from(e: E) -> Self {
+        match e {
+            E::Store(s) => s,
+            E::Pg(e) => StoreError::Backend(pg_message(&e)),
+        }
+    }
+}
+
+type R<T> = Result<T, E>;
+
+/// The server's own message when there is one: `Display` of a driver error hides it.
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+fn retryable(e: &E) -> bool {
+    match e {
+        E::Pg(e) => matches!(
+            e.code(),
+            Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+        ),
+        E::Store(_) => false,
+    }
+}
+
+/// Runs `$body` (an expression using the transaction `$tx`, evaluating to `R<T>`) in one
+/// transaction, committing on `Ok` and re-running it from scratch on a deadlock or
+/// serialisation failure. The body may run more than once: it must only borrow its inputs.
+macro_rules! in_tx {
+    ($self:expr, |$tx:ident| $body:expr) => {{
+        let mut client = $self.client().await?;
+        let mut tries = 0u32;
+        loop {
+            let $tx = client.transaction().await.map_err(E::from)?;
+            let out: R<_> = async { $body }.await;
+            let out = match out {
+                Ok(v) => $tx.commit().await.map(|_| v).map_err(E::from),
+                Err(e) => Err(e),
+            };
+            match out {
+                Ok(v) => break Ok(v),
+                Err(e) if retryable(&e) && tries < MAX_RETRIES => {
+                    tries += 1;
+                    // Spread the retries of the transactions that collided.
+                    let ms = rand::random::<u64>() % (5 << tries.min(5));
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                Err(e) => break Err(StoreError::from(e)),
+            }
+        }
+    }};
+}
+
+async fn query<C: GenericClient>(c: &C, sql: &str, p: &[&(dyn ToSql + Sync)]) -> R<Vec<Row>> {
+    let st = c.prepare_cached(sql).await?;
+    Ok(c.query(&st, p).await?)
+}
+
+async fn query_opt<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    p: &[&(dyn ToSql + Sync)],
+) -> R<Option<Row>> {
+    let st = c.prepare_cached(sql).await?;
+    Ok(c.query_opt(&st, p).await?)
+}
+
+async fn exec<C: GenericClient>(c: &C, sql: &str, p: &[&(dyn ToSql + Sync)]) -> R<u64> {
+    let st = c.prepare_cached(sql).await?;
+    Ok(c.execute(&st, p).await?)
+}
+
+/// Take a transaction-scoped advisory lock on `key`, held until commit or rollback.
+async fn lock<C: GenericClient>(c: &C, key: &str) -> R<()> {
+    query(
+        c,
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&key],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Lock several keys in one round trip, in sorted order so two transactions locking
+/// overlapping sets cannot deadlock on each other.
+async fn lock_all<C: GenericClient>(c: &C, keys: &mut Vec<String>) -> R<()> {
+    keys.sort();
+    keys.dedup();
+    match keys.len() {
+        0 => Ok(()),
+        1 => lock(c, &keys[0]).await,
+        _ => {
+            query(
+                c,
+                "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0)))
+                 FROM (SELECT k FROM unnest($1::text[]) AS k ORDER BY k) AS s",
+                &[&*keys],
+            )
+            .await?;
+            Ok(())
+        }
+    }
+}
+
+/// The lock shared by event matching and pause insertion for one event name.
+fn event_lock(name: &str) -> String {
+    format!("cairn:ev:{name}")
+}
+
+fn j(v: &impl Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn pj(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or(Value::Null)
+}
+
+const EVENT_COLS: &str = "seq, internal_id, name, body, received_at, target_fn";
+
+fn row_event(r: &Row) -> StoredEvent {
+    StoredEvent {
+        seq: r.get(0),
+        internal_id: r.get(1),
+        name: r.get(2),
+        event: pj(r.get::<_, &str>(3)),
+        received_at: r.get(4),
+        target_fn: r.get(5),
+    }
+}
+
+const RUN_COLS: &str = "run_id, fn_slug, status, events, version, disable_immediate, pending, output, created_at, ended_at";
+
+fn row_run(r: &Row) -> Run {
+    let status: &str = r.get(2);
+    Run {
+        run_id: r.get(0),
+        fn_slug: r.get(1),
+        status: RunStatus::parse(status).unwrap_or(RunStatus::Running),
+        events: serde_json::from_str(r.get::<_, &str>(3)).unwrap_or_default(),
+        version: r.get(4),
+        disable_immediate: r.get(5),
+        pending: serde_json::from_str(r.get::<_, &str>(6)).unwrap_or_default(),
+        output: r.get::<_, Option<&str>>(7).map(pj),
+        created_at: r.get(8),
+        ended_at: r.get(9),
+    }
+}
+
+const PAUSE_COLS: &str =
+    "id, run_id, step, kind, event_name, expr, correlation, trigger_event, expires_at, since_seq";
+
+fn row_pause(r: &Row) -> Pause {
+    let kind: String = r.get(3);
+    Pause {
+        id: r.get(0),
+        run_id: r.get(1),
+        step: r.get(2),
+        kind: serde_json::from_value(Value::String(kind)).unwrap_or(PauseKind::Wait),
+        event_name: r.get(4),
+        expr: r.get(5),
+        correlation: r.get(6),
+        trigger: pj(r.get::<_, &str>(7)),
+        expires_at: r.get(8),
+        since_seq: r.get(9),
+    }
+}
+
+fn kind_str(k: PauseKind) -> String {
+    match serde_json::to_value(k) {
+        Ok(Value::String(s)) => s,
+        _ => "wait".into(),
+    }
+}
+
+fn item_kind(s: &str) -> ItemKind {
+    serde_json::from_str(s).unwrap_or(ItemKind::Finalize)
+}
+
+async fn insert_event<C: GenericClient>(c: &C, e: &NewEvent) -> R<i64> {
+    let name = e
+        .event
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let user_id = e.event.get("id").and_then(Value::as_str);
+    // A resent event (same seeded id) is stored once; the first copy stands.
+    let row = query_opt(
+        c,
+        "INSERT INTO events(internal_id, user_id, name, body, received_at, target_fn)
+         VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (internal_id) DO NOTHING RETURNING seq",
+        &[
+            &e.internal_id,
+            &user_id,
+            &name,
+            &j(&e.event),
+            &e.received_at,
+            &e.target_fn,
+        ],
+    )
+    .await?;
+    match row {
+        Some(r) => Ok(r.get(0)),
+        None => Ok(query(
+            c,
+            "SELECT seq FROM events WHERE internal_id=$1",
+            &[&e.internal_id],
+        )
+        .await?
+        .first()
+        .map(|r| r.get(0))
+        .unwrap_or(0)),
+    }
+}
+
+async fn has_memo<C: GenericClient>(c: &C, run_id: &str, hash: &str) -> R<bool> {
+    Ok(query_opt(
+        c,
+        "SELECT 1 FROM steps WHERE run_id=$1 AND hash=$2",
+        &[&run_id, &hash],
+    )
+    .await?
+    .is_some())
+}
+
+/// Queue an item (no-op if it exists, or if `unless_memo` names a memoised step). SDK calls
+/// take the run's step concurrency keys, which is what those limits count. One statement.
+async fn insert_item<C: GenericClient>(c: &C, item: &NewItem) -> R<()> {
+    let call = matches!(item.kind, ItemKind::Call { .. });
+    exec(
+        c,
+        "INSERT INTO queue(id, run_id, kind, available_at, due_at, attempt, ck1, cl1, ck2, cl2)
+         SELECT $1, $2, $3, $4, $4, 0, r.ck1, r.cl1, r.ck2, r.cl2
+         FROM (SELECT 1) AS one LEFT JOIN runs r ON r.run_id = $2 AND $5
+         WHERE $6::text IS NULL OR NOT EXISTS (SELECT 1 FROM steps WHERE run_id=$2 AND hash=$6)
+         ON CONFLICT (id) DO NOTHING",
+        &[
+            &item.id,
+            &item.run_id,
+            &j(&item.kind),
+            &item.available_at,
+            &call,
+            &item.unless_memo,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn save_memo<C: GenericClient>(c: &C, run_id: &str, hash: &str, memo: &Value) -> R<()> {
+    exec(
+        c,
+        "INSERT INTO steps(run_id, hash, memo) VALUES ($1,$2,$3) ON CONFLICT (run_id, hash) DO NOTHING",
+        &[&run_id, &hash, &j(memo)],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn load_run<C: GenericClient>(c: &C, run_id: &str) -> R<Option<Run>> {
+    Ok(query_opt(
+        c,
+        &format!("SELECT {RUN_COLS} FROM runs WHERE run_id=$1"),
+        &[&run_id],
+    )
+    .await?
+    .map(|r| row_run(&r)))
+}
+
+/// Load a run and lock its row until the transaction ends: read-modify-write of `pending`
+/// and `events` must not interleave with another node's.
+async fn lock_run<C: GenericClient>(c: &C, run_id: &str) -> R<Option<Run>> {
+    Ok(query_opt(
+        c,
+        &format!("SELECT {RUN_COLS} FROM runs WHERE run_id=$1 FOR UPDATE"),
+        &[&run_id],
+    )
+    .await?
+    .map(|r| row_run(&r)))
+}
+
+/// Ends a running run, clearing its queue and pauses and queueing finalisation.
+async fn finish_run<C: GenericClient>(c: &C, run_id: &str, finish: &Finish, now: i64) -> R<bool> {
+    let n = exec(
+        c,
+        "UPDATE runs SET status=$1, output=$2, ended_at=$3, pending='[]'
+         WHERE run_id=$4 AND status='Running'",
+        &[&finish.status.as_str(), &j(&finish.output), &now, &run_id],
+    )
+    .await?;
+    if n == 0 {
+        return Ok(false);
+    }
+    let held = flow::run_keys(c, run_id, now).await?;
+    exec(c, "DELETE FROM queue WHERE run_id=$1", &[&run_id]).await?;
+    for key in &held {
+        flow::free(c, key).await?;
+    }
+    exec(c, "DELETE FROM debounces WHERE run_id=$1", &[&run_id]).await?;
+    exec(c, "DELETE FROM batches WHERE run_id=$1", &[&run_id]).await?;
+    exec(c, "DELETE FROM pauses WHERE run_id=$1", &[&run_id]).await?;
+    insert_item(
+        c,
+        &NewItem {
+            id: format!("{run_id}:finalize"),
+            run_id: run_id.to_string(),
+            kind: ItemKind::Finalize,
+            available_at: now,
+            unless_memo: None,
+        },
+    )
+    .await?;
+    Ok(true)
+}
+
+/// A step of the run finished: coalesce parallel branches, then discover.
+async fn step_done<C: GenericClient>(
+    c: &C,
+    run_id: &str,
+    steps: &[String],
+    discovery: &NewItem,
+) -> R<()> {
+    let Some(run) = lock_run(c, run_id).await? else {
+        return Ok(());
+    };
+    if run.status != RunStatus::Running {
+        return Ok(());
+    }
+    if run.pending.iter().any(|p| steps.contains(p)) {
+        let rest: Vec<&String> = run.pending.iter().filter(|p| !steps.contains(p)).collect();
+        // Parallelism ended; version 2 lets the SDK run single steps inline again.
+        let reenable = rest.is_empty() && run.version >= 2;
+        exec(
+            c,
+            "UPDATE runs SET pending=$1, disable_immediate = disable_immediate AND NOT $2
+             WHERE run_id=$3",
+            &[&j(&rest), &reenable, &run_id],
+        )
+        .await?;
+        if !rest.is_empty() {
+            return Ok(());
+        }
+    }
+    insert_item(c, discovery).await
+}
+
+fn discovery_after(run_id: &str, step: &str, now: i64) -> NewItem {
+    NewItem {
+        id: format!("{run_id}:{step}:disc"),
+        run_id: run_id.to_string(),
+        kind: ItemKind::Call {
+            step: None,
+            predecessor: Some(step.to_string()),
+        },
+        available_at: now,
+        unless_memo: None,
+    }
+}
+
+async fn resume_pause<C: GenericClient>(c: &C, pause: &Pause, event: &Value, now: i64) -> R<()> {
+    let n = exec(c, "DELETE FROM pauses WHERE id=$1", &[&pause.id]).await?;
+    if n == 0 {
+        return Ok(());
+    }
+    match pause.kind {
+        PauseKind::Cancel => {
+            finish_run(
+                c,
+                &pause.run_id,
+                &Finish {
+                    status: RunStatus::Cancelled,
+                    output: serde_json::json!({"error": "cancelled", "name": "Cancelled",
+                        "message": format!("run cancelled by event {}", pause.event_name)}),
+                },
+                now,
+            )
+            .await?;
+        }
+        PauseKind::Wait | PauseKind::Invoke => {
+            exec(
+                c,
+                "DELETE FROM queue WHERE id=$1",
+                &[&format!("{}:{}:timeout", pause.run_id, pause.step)],
+            )
+            .await?;
+            save_memo(c, &pause.run_id, &pause.step, &resume_memo(pause, event)).await?;
+            step_done(
+                c,
+                &pause.run_id,
+                std::slice::from_ref(&pause.step),
+                &discovery_after(&pause.run_id, &pause.step, now),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn insert_pause<C: GenericClient>(c: &C, p: &Pause) -> R<bool> {
+    let n = exec(
+        c,
+        &format!(
+            "INSERT INTO pauses({PAUSE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)
+             ON CONFLICT (id) DO NOTHING"
+        ),
+        &[
+            &p.id,
+            &p.run_id,
+            &p.step,
+            &kind_str(p.kind),
+            &p.event_name,
+            &p.expr,
+            &p.correlation,
+            &j(&p.trigger),
+            &p.expires_at,
+            &p.since_seq,
+        ],
+    )
+    .await?;
+    Ok(n == 1)
+}
+
+async fn apply_inner<C: GenericClient>(
+    c: &C,
+    a: &Apply,
+    matcher: &dyn PauseMatcher,
+    now: i64,
+) -> R<()> {
+    // Event-name locks first (the order apply_event takes them in), then rows.
+    if !a.pauses.is_empty() {
+        let mut names: Vec<String> = a
+            .pauses
+            .iter()
+            .map(|(p, _)| event_lock(&p.event_name))
+            .collect();
+        lock_all(c, &mut names).await?;
+    }
+    let mut item_keys: Vec<String> = Vec::new();
+    if let Some((id, owner)) = &a.item {
+        let held = query_opt(
+            c,
+            "SELECT lease_owner, ck1, ck2 FROM queue WHERE id=$1 FOR UPDATE",
+            &[id],
+        )
+        .await?;
+        let Some(row) = held else {
+            return Err(StoreError::LeaseLost(id.clone()).into());
+        };
+        if row.get::<_, Option<&str>>(0) != Some(owner.as_str()) {
+            return Err(StoreError::LeaseLost(id.clone()).into());
+        }
+        item_keys.extend(row.get::<_, Option<String>>(1));
+        item_keys.extend(row.get::<_, Option<String>>(2));
+    }
+    if let Some((id, at)) = &a.dispatch {
+        let current: Option<i64> = query_opt(
+            c,
+            "SELECT available_at FROM queue WHERE id=$1 FOR UPDATE",
+            &[id],
+        )
+        .await?
+        .map(|r| r.get(0));
+        if current != Some(*at) {
+            return Err(StoreError::LeaseLost(id.clone()).into());
+        }
+    }
+    let run = lock_run(c, &a.run_id).await?;
+    let running = run
+        .as_ref()
+        .map(|r| r.status == RunStatus::Running)
+        .unwrap_or(false);
+    if running {
+        if a.version.is_some() || a.disable_immediate.is_some() {
+            exec(
+                c,
+                "UPDATE runs SET version = CASE WHEN version = -1 THEN coalesce($1, version) ELSE version END,
+                   disable_immediate = coalesce($2, disable_immediate) WHERE run_id=$3",
+                &[&a.version, &a.disable_immediate, &a.run_id],
+            )
+            .await?;
+        }
+        for (hash, memo) in &a.memos {
+            save_memo(c, &a.run_id, hash, memo).await?;
+        }
+        if !a.add_pending.is_empty() {
+            let mut pending = run.as_ref().map(|r| r.pending.clone()).unwrap_or_default();
+            for p in &a.add_pending {
+                if !pending.contains(p) && !has_memo(c, &a.run_id, p).await? {
+                    pending.push(p.clone());
+                }
+            }
+            exec(
+                c,
+                "UPDATE runs SET pending=$1 WHERE run_id=$2",
+                &[&j(&pending), &a.run_id],
+            )
+            .await?;
+        }
+        for item in &a.enqueue {
+            insert_item(c, item).await?;
+        }
+        for (pause, timeout) in &a.pauses {
+            if !insert_pause(c, pause).await? {
+                continue;
+            }
+            insert_item(c, timeout).await?;
+            // Close the race with events that arrived while the SDK call was in flight:
+            // they were matched before this pause existed. The event-name lock taken above
+            // means every such event is either already processed (and found here) or will
+            // be matched after this commit (and find the pause).
+            let candidates = query(
+                c,
+                &format!(
+                    "SELECT {EVENT_COLS} FROM events WHERE name=$1 AND xid>=$2 AND processed ORDER BY seq"
+                ),
+                &[&pause.event_name, &pause.since_seq],
+            )
+            .await?;
+            for ev in candidates.iter().map(row_event) {
+                if matcher.matches(pause, &ev.event) {
+                    resume_pause(c, pause, &ev.event, now).await?;
+                    break;
+                }
+            }
+        }
+        if let Some((step, item)) = &a.complete_pending {
+            step_done(c, &a.run_id, step, item).await?;
+        }
+        if let Some((pause_id, memo, item)) = &a.expire_pause {
+            let n = exec(c, "DELETE FROM pauses WHERE id=$1", &[pause_id]).await?;
+            if n == 1 {
+                if let ItemKind::Call {
+                    predecessor: Some(step),
+                    ..
+                } = &item.kind
+                {
+                    save_memo(c, &a.run_id, step, memo).await?;
+                    step_done(c, &a.run_id, std::slice::from_ref(step), item).await?;
+                }
+            }
+        }
+    }
+    for e in &a.events {
+        insert_event(c, e).await?;
+    }
+    if let Some(id) = &a.reset_attempt {
+        exec(c, "UPDATE queue SET attempt=0 WHERE id=$1", &[id]).await?;
+    }
+    if running {
+        if let Some(f) = &a.finish {
+            finish_run(c, &a.run_id, f, now).await?;
+        }
+    }
+    if let Some((id, _)) = &a.item {
+        let n = match a.retry {
+            Some((attempt, at)) if running && a.finish.is_none() => {
+                exec(
+                    c,
+                    "UPDATE queue SET attempt=$1, available_at=$2, due_at=$2, lease_owner=NULL WHERE id=$3",
+                    &[&attempt, &at, id],
+                )
+                .await?
+            }
+            _ => exec(c, "DELETE FROM queue WHERE id=$1", &[id]).await?,
+        };
+        // When the run ended above, finish_run already freed this item's slots.
+        if n == 1 {
+            for key in &item_keys {
+                flow::free(c, key).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+impl PostgresStore {
+    /// Connect to the database at `url` (`postgres://user@host:port/db`), apply pending
+    /// migrations and return the store.
+    ///
+    /// Fails with [`StoreError::Unusable`] when the server cannot be reached or refuses the
+    /// login, and with [`StoreError::SchemaTooNew`] when a newer Cairn has migrated the
+    /// database; it never drops or resets data.
+    pub async fn connect(url: &str, opts: PgOptions) -> StoreResult<Self> {
+        let mut cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Unusable(format!("invalid PostgreSQL URL: {e}")))?;
+        let target = describe(&cfg);
+        // Options ride on the startup packet: no extra statement per connection.
+        let mut options = cfg.get_options().unwrap_or_default().to_string();
+        options.push_str(&format!(
+            " -c statement_timeout={}",
+            opts.statement_timeout.as_millis().max(1)
+        ));
+        if let Some(schema) = &opts.schema {
+            // The startup packet splits options on spaces; a schema name is an identifier.
+            if schema.is_empty()
+                || !schema
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(StoreError::Unusable(format!(
+                    "schema name {schema:?} must be letters, digits and underscores"
+                )));
+            }
+            options.push_str(&format!(" -c search_path={schema}"));
+        }
+        cfg.options(options.trim());
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(Duration::from_secs(10));
+        }
+        let mgr = Manager::from_config(
+            cfg,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(opts.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(Duration::from_secs(15)))
+            .wait_timeout(Some(Duration::from_secs(60)))
+            .build()
+            .map_err(|e| StoreError::Unusable(format!("PostgreSQL pool: {e}")))?;
+        let mut client = pool.get().await.map_err(|e| {
+            StoreError::Unusable(format!(
+                "cannot connect to PostgreSQL at {target}: {}",
+                pool_message(&e)
+            ))
+        })?;
+        let unusable = |e: tokio_postgres::Error| {
+            StoreError::Unusable(format!("PostgreSQL at {target}: {}", pg_message(&e)))
+        };
+        if let Some(schema) = &opts.schema {
+            client
+                .batch_execute(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS {}",
+                    quote_ident(schema)
+                ))
+                .await
+                .map_err(unusable)?;
+        }
+        {
+            let tx = client.transaction().await.map_err(unusable)?;
+            // Nodes starting together: one migrates, the others wait and then see it done.
+            tx.query(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                &[&MIGRATION_LOCK],
+            )
+            .await
+            .map_err(unusable)?;
+            tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version(version BIGINT NOT NULL)")
+                .await
+                .map_err(unusable)?;
+            let found: i64 = tx
+                .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
+                .await
+                .map_err(unusable)?
+                .get(0);
+            if found > SCHEMA_VERSION {
+                return Err(StoreError::SchemaTooNew {
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            if found == 0 {
+                let foreign: i64 = tx
+                    .query_one(
+                        "SELECT count(*) FROM information_schema.tables
+                         WHERE table_schema = current_schema() AND table_name IN ('runs', 'queue', 'events')",
+                        &[],
+                    )
+                    .await
+                    .map_err(unusable)?
+                    .get(0);
+                if foreign > 0 {
+                    return Err(StoreError::Unusable(format!(
+                        "PostgreSQL at {target}: not a cairn schema (has tables but no schema version)"
+                    )));
+                }
+            }
+            if found < SCHEMA_VERSION {
+                let steps: String = MIGRATIONS[found as usize..].concat();
+                tx.batch_execute(&steps).await.map_err(unusable)?;
+                tx.execute("DELETE FROM schema_version", &[])
+                    .await
+                    .map_err(unusable)?;
+                tx.execute(
+                    "INSERT INTO schema_version(version) VALUES ($1)",
+                    &[&SCHEMA_VERSION],
+                )
+                .await
+                .map_err(unusable)?;
+            }
+            tx.commit().await.map_err(unusable)?;
+        }
+        drop(client);
+        Ok(PostgresStore {
+            pool,
+            last_repair: Default::default(),
+        })
+    }
+
+    async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| {
+            StoreError::Backend(format!("PostgreSQL connection: {}", pool_message(&e)))
+        })
+    }
+}
+
+/// `host:port/db` of a config, for messages (never the password).
+fn describe(cfg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let host = match cfg.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{host}:{port}/{}",
+        cfg.get_dbname().or(cfg.get_user()).unwrap_or_default()
+    )
+}
+
+fn pool_message(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_message(e),
+        other => other.to_string(),
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn insert_events(&self, events: Vec<NewEvent>) -> StoreResult<Vec<i64>> {
+        in_tx!(self, |tx| {
+            let mut out = Vec::with_capacity(events.len());
+            for e in &events {
+                out.push(insert_event(&tx, e).await?);
+            }
+            Ok(out)
+        })
+    }
+
+    async fn unprocessed_events(&self, limit: usize) -> StoreResult<Vec<StoredEvent>> {
+        let c = self.client().await?;
+        let rows = query(
+            &c,
+            &format!("SELECT {EVENT_COLS} FROM events WHERE NOT processed ORDER BY seq LIMIT $1"),
+            &[&(limit as i64)],
+        )
+        .await?;
+        Ok(rows.iter().map(row_event).collect())
+    }
+
+    /// Not the highest sequence number: sequence numbers are handed out before commit, so
+    /// a lower one can still commit after a higher one has been read. Instead this is the
+    /// oldest transaction id still running anywhere; every event committed after this call
+    /// carries a transaction id at least this high (its `xid` column), which is what pause
+    /// matching compares. An event committed shortly before may also qualify: a wait can be
+    /// resumed by an event from just before it started, never miss one from after.
+    async fn event_high_water(&self) -> StoreResult<i64> {
+        let c = self.client().await?;
+        let rows = query(
+            &c,
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await?;
+        Ok(rows.first().map(|r| r.get(0)).unwrap_or(0))
+    }
+
+    async fn apply_event(
+        &self,
+        event: StoredEvent,
+        runs: Vec<NewRun>,
+        extra_events: Vec<NewEvent>,
+        matcher: Arc<dyn PauseMatcher>,
+        now: i64,
+    ) -> StoreResult<Vec<String>> {
+        in_tx!(self, |tx| {
+            lock(&tx, &event_lock(&event.name)).await?;
+            // Another node may have matched it while this one waited for the lock.
+            let state = query_opt(
+                &tx,
+                "SELECT processed, xid FROM events WHERE seq=$1",
+                &[&event.seq],
+            )
+            .await?;
+            let xid: i64 = match &state {
+                Some(r) if r.get::<_, bool>(0) => return Ok(Vec::new()),
+                Some(r) => r.get(1),
+                None => i64::MAX,
+            };
+            let mut created = Vec::new();
+            for r in &runs {
+                if flow::create_run(&tx, r, now).await? {
+                    created.push(r.run_id.clone());
+                }
+            }
+            for e in &extra_events {
+                insert_event(&tx, e).await?;
+            }
+            // Only finish events resume invokes; a user event that happens to carry
+            // a correlation_id must still reach ordinary waits.
+            let correlation = (event.name == "inngest/function.finished")
+                .then(|| {
+                    event
+                        .event
+                        .pointer("/data/correlation_id")
+                        .and_then(Value::as_str)
+                })
+                .flatten();
+            let mut pauses: Vec<Pause> = query(
+                &tx,
+                &format!(
+                    "SELECT {PAUSE_COLS} FROM pauses WHERE event_name=$1 AND since_seq<=$2 AND correlation IS NULL"
+                ),
+                &[&event.name, &xid],
+            )
+            .await?
+            .iter()
+            .map(row_pause)
+            .collect();
+            if let Some(corr) = correlation {
+                let by_corr = query(
+                    &tx,
+                    &format!("SELECT {PAUSE_COLS} FROM pauses WHERE correlation=$1"),
+                    &[&corr],
+                )
+                .await?;
+                pauses.extend(by_corr.iter().map(row_pause));
+            }
+            for p in pauses {
+                if p.event_name != event.name || p.expires_at < now {
+                    continue;
+                }
+                if matcher.matches(&p, &event.event) {
+                    resume_pause(&tx, &p, &event.event, now).await?;
+                }
+            }
+            exec(
+                &tx,
+                "UPDATE events SET processed=true WHERE seq=$1",
+                &[&event.seq],
+            )
+            .await?;
+            Ok(created)
+        })
+    }
+
+    async fn get_event(&self, id: &str) -> StoreResult<Option<StoredEvent>> {
+        let c = self.client().await?;
+        Ok(query_opt(
+            &c,
+            &format!(
+                "SELECT {EVENT_COLS} FROM events WHERE internal_id=$1 OR user_id=$1 ORDER BY seq DESC LIMIT 1"
+            ),
+            &[&id],
+        )
+        .await?
+        .map(|r| row_event(&r)))
+    }
+
+    async fn list_events(
+        &self,
+        limit: usize,
+        name: Option<String>,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let c = self.client().await?;
+        let limit = limit as i64;
+        let rows = match name {
+            Some(n) => {
+                query(
+                    &c,
+                    &format!(
+                        "SELECT {EVENT_COLS} FROM events WHERE name=$1 ORDER BY seq DESC LIMIT $2"
+                    ),
+                    &[&n, &limit],
+                )
+                .await?
+            }
+            None => {
+                query(
+                    &c,
+                    &format!("SELECT {EVENT_COLS} FROM events ORDER BY seq DESC LIMIT $1"),
+                    &[&limit],
+                )
+                .await?
+            }
+        };
+        Ok(rows.iter().map(row_event).collect())
+    }
+
+    async fn runs_for_event(&self, internal_id: &str) -> StoreResult<Vec<Run>> {
+        let c = self.client().await?;
+        let rows = query(
+            &c,
+            &format!(
+                "SELECT {RUN_COLS} FROM runs WHERE trigger_event=$1
+                 OR run_id IN (SELECT run_id FROM run_triggers WHERE internal_id=$1) ORDER BY run_id"
+            ),
+            &[&internal_id],
+        )
+        .await?;
+        Ok(rows.iter().map(row_run).collect())
+    }
+
+    async fn skips_for_event(&self, internal_id: &str) -> StoreResult<Vec<Skip>> {
+        let c = self.client().await?;
+        let rows = query(
+            &c,
+            "SELECT fn_slug, reason, at FROM skips WHERE internal_id=$1 ORDER BY seq",
+            &[&internal_id],
+        )
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Skip {
+                fn_slug: r.get(0),
+                reason: SkipReason::parse(r.get(1)).unwrap_or(SkipReason::RateLimit),
+                at: r.get(2),
+            })
+            .collect())
+    }
+
+    async fn run_queue(&self, run_id: &str, now: i64) -> StoreResult<Vec<QueueInfo>> {
+        let c = self.client().await?;
+        Ok(flow::run_queue(&c, run_id, now).await?)
+    }
+
+    async fn sync_app(&self, app: AppRecord, functions: Vec<FunctionRecord>) -> StoreResult<bool> {
+        in_tx!(self, |tx| {
+            // Two nodes syncing one app at once: one after the other, each sees the other.
+            lock(&tx, &format!("cairn:app:{}", app.name)).await?;
+            let old = query_opt(
+                &tx,
+                "SELECT checksum, url FROM apps WHERE name=$1",
+                &[&app.name],
+            )
+            .await?;
+            let modified = old
+                .map(|r| r.get::<_, &str>(0) != app.checksum || r.get::<_, &str>(1) != app.url)
+                .unwrap_or(true);
+            exec(
+                &tx,
+                "INSERT INTO apps(name, url, sdk, checksum, synced_at) VALUES ($1,$2,$3,$4,$5)
+                 ON CONFLICT (name) DO UPDATE SET url=excluded.url, sdk=excluded.sdk,
+                 checksum=excluded.checksum, synced_at=excluded.synced_at",
+                &[&app.name, &app.url, &app.sdk, &app.checksum, &app.synced_at],
+            )
+            .await?;
+            exec(&tx, "DELETE FROM functions WHERE app=$1", &[&app.name]).await?;
+            for f in &functions {
+                exec(
+                    &tx,
+                    "INSERT INTO functions(slug, app, config) VALUES ($1,$2,$3)
+                     ON CONFLICT (slug) DO UPDATE SET app=excluded.app, config=excluded.config",
+                    &[&f.slug, &f.app, &j(&f.config)],
+                )
+                .await?;
+            }
+            Ok(modified)
+        })
+    }
+
+    async fn apps(&self) -> StoreResult<Vec<AppRecord>> {
+        let c = self.client().await?;
+        let rows = query(
+            &c,
+            "SELECT name, url, sdk, checksum, synced_at FROM apps ORDER BY name",
+            &[],
+        )
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AppRecord {
+                name: r.get(0),
+                url: r.get(1),
+                sdk: r.get(2),
+                checksum: r.get(3),
+                synced_at: r.get(4),
+            })
+            .collect())
+    }
+
+    async fn functions(&self) -> StoreResult<Vec<FunctionRecord>> {
+        let c = self.client().await?;
+        let rows = query(
+            &c,
+            "SELECT slug, app, config FROM functions ORDER BY slug",
+            &[],
+        )
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| FunctionRecord {
+                slug: r.get(0),
+                app: r.get(1),
+                config: pj(r.get::<_, &str>(2)),
+            })
+            .collect())
+    }
+
+    async fn get_run(&self, run_id: &str) -> StoreResult<Option<Run>> {
+        let c = self.client().await?;
+        Ok(load_run(&c, run_id).await?)
+    }
+
+    async fn steps(&self, run_id: &str) -> StoreResult<Vec<(String, Value)>> {
+        let c = self.client().await?;
+        let rows = query(
+            &c,
+            "SELECT hash, memo FROM steps WHERE run_id=$1 ORDER BY seq",
+            &[&run_id],
+        )
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), pj(r.get::<_, &str>(1))))
+            .collect())
+    }
+
+    async fn apply(
+        &self,
+        apply: Apply,
+        matcher: Arc<dyn PauseMatcher>,
+        now: i64,
+    ) -> StoreResult<()> {
+        in_tx!(self, |tx| apply_inner(&tx, &apply, matcher.as_ref(), now)
+            .await)
+    }
+
+    async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool> {
+        let finish = Finish {
+            status: RunStatus::Cancelled,
+            output: serde_json::json!({"error": "cancelled", "name": "Cancelled", "message": "run cancelled via API"}),
+        };
+        in_tx!(self, |tx| {
+            lock_run(&tx, run_id).await?;
+            finish_run(&tx, run_id, &finish, now).await
+        })
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<QueueItem>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.last_repair.load(Relaxed);
+        let repair = now - last >= flow::REPAIR_EVERY_MS
+            && self
+                .last_repair
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok();
+        in_tx!(self, |tx| flow::claim(
+            &tx,
+            owner,
+            now,
+            lease_until,
+            limit,
+            repair
+        )
+        .await)
+    }
+
+    async fn renew(&self, owner: &str, ids: Vec<String>, lease_until: i64) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let c = self.client().await?;
+        // One statement is one transaction.
+        exec(
+            &c,
+            "UPDATE queue SET due_at=$1 WHERE id = ANY($2) AND lease_owner=$3",
+            &[&lease_until, &ids, &owner],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn release(&self, owner: &str, id: &str) -> StoreResult<()> {
+        in_tx!(self, |tx| {
+            let keys = flow::item_keys(&tx, id).await?;
+            let n = exec(
+                &tx,
+                "UPDATE queue SET lease_owner=NULL, due_at=available_at WHERE id=$1 AND lease_owner=$2",
+                &[&id, &owner],
+            )
+            .await?;
+            if n == 1 {
+                for key in &keys {
+                    flow::free(&tx, key).await?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<i64>> {
+        let c = self.client().await?;
+        let rows = query(
+            &c,
+            "SELECT min(due_at) FROM queue WHERE blocked_on IS NULL",
+            &[],
+        )
+        .await?;
+        Ok(rows.first().and_then(|r| r.get(0)))
+    }
+
+    async fn queue_depth(&self) -> StoreResult<i64> {
+        let c = self.client().await?;
+        let rows = query(&c, "SELECT count(*) FROM queue", &[]).await?;
+        Ok(rows.first().map(|r| r.get(0)).unwrap_or(0))
+    }
+
+    async fn prune(&self, before: i64) -> StoreResult<(u64, u64)> {
+        in_tx!(self, |tx| {
+            // Bounded batches keep each transaction short.
+            let ended = query(
+                &tx,
+                "SELECT run_id FROM runs WHERE status <> 'Running' AND ended_at < $1 LIMIT 5000",
+                &[&before],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>();
+            exec(&tx, "DELETE FROM steps WHERE run_id = ANY($1)", &[&ended]).await?;
+            let runs = exec(&tx, "DELETE FROM runs WHERE run_id = ANY($1)", &[&ended]).await?;
+            let events = exec(
+                &tx,
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events
+                 WHERE processed AND received_at < $1 LIMIT 5000)",
+                &[&before],
+            )
+            .await?;
+            // Flow-control leftovers: limits whose window has passed, old skip records,
+            // batch links of runs that are gone.
+            exec(&tx, "DELETE FROM gcra WHERE tat < $1", &[&before]).await?;
+            exec(&tx, "DELETE FROM skips WHERE at < $1", &[&before]).await?;
+            exec(
+                &tx,
+                "DELETE FROM run_triggers WHERE ctid IN (SELECT t.ctid FROM run_triggers t
+                 LEFT JOIN runs r ON r.run_id = t.run_id WHERE r.run_id IS NULL LIMIT 5000)",
+                &[],
+            )
+            .await?;
+            Ok((runs, events))
+        })
+    }
+
+    async fn cron_last(&self, fn_slug: &str, schedule: &str) -> StoreResult<Option<i64>> {
+        let c = self.client().await?;
+        Ok(query_opt(
+            &c,
+            "SELECT last_tick FROM cron WHERE fn_slug=$1 AND schedule=$2",
+            &[&fn_slug, &schedule],
+        )
+        .await?
+        .map(|r| r.get(0)))
+    }
+
+    async fn fire_cron(
+        &self,
+        fn_slug: &str,
+        schedule: &str,
+        tick: i64,
+        event: Option<NewEvent>,
+    ) -> StoreResult<bool> {
+        in_tx!(self, |tx| {
+            // Two nodes firing the same tick: the second waits on the first's row, then
+            // finds the tick no longer newer and fires nothing.
+            let n = exec(
+                &tx,
+                "INSERT INTO cron(fn_slug, schedule, last_tick) VALUES ($1,$2,$3)
+                 ON CONFLICT (fn_slug, schedule) DO UPDATE SET last_tick=excluded.last_tick
+                 WHERE cron.last_tick < excluded.last_tick",
+                &[&fn_slug, &schedule, &tick],
+            )
+            .await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            if let Some(e) = &event {
+                insert_event(&tx, e).await?;
+            }
+            Ok(true)
+        })
+    }
+}
