@@ -1,4 +1,9 @@
-//! The SQLite store against real files in temp dirs.
+//! One behaviour suite, two backends: every test here runs against the SQLite store on real
+//! files in temp dirs and against the PostgreSQL store in a fresh schema of its own.
+//!
+//! PostgreSQL comes from `CAIRN_TEST_PG_URL` (default: the local server's `test` database).
+//! When it cannot be reached the PostgreSQL variants fail: CI starts the server, and a
+//! silently skipped backend would be a backend nobody tests.
 
 use cairn_server::store::*;
 use serde_json::{json, Value};
@@ -26,12 +31,101 @@ fn ev(name: &str) -> NewEvent {
     }
 }
 
-fn open(dir: &tempfile::TempDir) -> Arc<SqliteStore> {
-    Arc::new(SqliteStore::open(dir.path().join("db.sqlite")).unwrap())
+/// The PostgreSQL server the tests use.
+fn pg_url() -> String {
+    std::env::var("CAIRN_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
+/// Where one test keeps its data; opening it again sees what an earlier store wrote.
+enum Db {
+    Sqlite(tempfile::TempDir),
+    Pg(String),
+}
+
+impl Db {
+    fn sqlite() -> Db {
+        Db::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    /// A fresh schema; the store creates it on first open.
+    fn pg() -> Db {
+        Db::Pg(format!(
+            "cairn_test_{}",
+            ulid::Ulid::new().to_string().to_lowercase()
+        ))
+    }
+
+    async fn open(&self) -> Arc<dyn Store> {
+        match self {
+            Db::Sqlite(dir) => Arc::new(SqliteStore::open(dir.path().join("db.sqlite")).unwrap()),
+            Db::Pg(schema) => Arc::new(pg_open(schema).await),
+        }
+    }
+
+    /// Drop a PostgreSQL test's schema (a failed test leaves it behind for inspection).
+    async fn cleanup(self) {
+        if let Db::Pg(schema) = self {
+            let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn pg_open(schema: &str) -> PostgresStore {
+    let opts = PgOptions {
+        pool_size: 4,
+        schema: Some(schema.to_string()),
+        ..Default::default()
+    };
+    match PostgresStore::connect(&pg_url(), opts).await {
+        Ok(s) => s,
+        Err(e) => panic!(
+            "PostgreSQL store tests need a server ({}; set CAIRN_TEST_PG_URL or start it): {e}",
+            pg_url()
+        ),
+    }
+}
+
+/// Runs `async fn $name(db: &Db)` once per backend, as `$name::sqlite` and `$name::postgres`.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                let db = super::Db::sqlite();
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                let db = super::Db::pg();
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+        }
+    )*};
+}
+
+both_backends!(
+    events_survive_reopen_and_stay_unprocessed_until_applied,
+    memo_first_write_wins_and_lease_guards_results,
+    pause_created_after_event_is_still_resumed,
+    finishing_a_run_clears_work_and_queues_finalisation,
+    cron_ticks_fire_once,
+    prune_deletes_only_old_finished_history,
+    writes_from_a_superseded_dispatch_are_refused,
+);
+
 /// Insert one event and create a run from it; returns the run id.
-async fn make_run(store: &SqliteStore, run_id: &str) -> String {
+async fn make_run(store: &dyn Store, run_id: &str) -> String {
     store.insert_events(vec![ev("t/start")]).await.unwrap();
     let stored = store.unprocessed_events(1).await.unwrap().remove(0);
     let run = NewRun {
@@ -62,10 +156,11 @@ async fn make_run(store: &SqliteStore, run_id: &str) -> String {
     run_id.to_string()
 }
 
+/// SQLite only: group commit is how its single writer keeps up.
 #[tokio::test]
 async fn concurrent_writes_share_commits() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+    let store = Arc::new(SqliteStore::open(dir.path().join("db.sqlite")).unwrap());
     let before = store.stats().commits.load(Relaxed);
     let futs = (0..400).map(|_| {
         let s = store.clone();
@@ -82,17 +177,15 @@ async fn concurrent_writes_share_commits() {
     assert_eq!(store.list_events(1000, None).await.unwrap().len(), 400);
 }
 
-#[tokio::test]
-async fn events_survive_reopen_and_stay_unprocessed_until_applied() {
-    let dir = tempfile::tempdir().unwrap();
+async fn events_survive_reopen_and_stay_unprocessed_until_applied(db: &Db) {
     {
-        let store = open(&dir);
+        let store = db.open().await;
         store
             .insert_events(vec![ev("a/1"), ev("a/2")])
             .await
             .unwrap();
     }
-    let store = open(&dir);
+    let store = db.open().await;
     let un = store.unprocessed_events(10).await.unwrap();
     assert_eq!(
         un.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
@@ -105,11 +198,9 @@ async fn events_survive_reopen_and_stay_unprocessed_until_applied() {
     assert_eq!(store.unprocessed_events(10).await.unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn memo_first_write_wins_and_lease_guards_results() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
-    let run = make_run(&store, "RUN1").await;
+async fn memo_first_write_wins_and_lease_guards_results(db: &Db) {
+    let store = db.open().await;
+    let run = make_run(&*store, "RUN1").await;
     let items = store.claim("A", 10, 1000, 10).await.unwrap();
     assert_eq!(items.len(), 1);
     // Leased: nobody else gets it before expiry.
@@ -150,11 +241,9 @@ async fn memo_first_write_wins_and_lease_guards_results() {
     assert_eq!(store.queue_depth().await.unwrap(), 0);
 }
 
-#[tokio::test]
-async fn pause_created_after_event_is_still_resumed() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
-    let run = make_run(&store, "RUN2").await;
+async fn pause_created_after_event_is_still_resumed(db: &Db) {
+    let store = db.open().await;
+    let run = make_run(&*store, "RUN2").await;
     let since = store.event_high_water().await.unwrap();
     // The event arrives and is matched before the pause exists.
     store.insert_events(vec![ev("t/resume")]).await.unwrap();
@@ -216,11 +305,9 @@ async fn pause_created_after_event_is_still_resumed() {
         .any(|k| matches!(k, ItemKind::PauseTimeout { .. })));
 }
 
-#[tokio::test]
-async fn finishing_a_run_clears_work_and_queues_finalisation() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
-    let run = make_run(&store, "RUN3").await;
+async fn finishing_a_run_clears_work_and_queues_finalisation(db: &Db) {
+    let store = db.open().await;
+    let run = make_run(&*store, "RUN3").await;
     assert!(store.cancel_run(&run, 9).await.unwrap());
     assert!(!store.cancel_run(&run, 9).await.unwrap(), "cancelled twice");
     assert_eq!(
@@ -232,10 +319,8 @@ async fn finishing_a_run_clears_work_and_queues_finalisation() {
     assert_eq!(items[0].kind, ItemKind::Finalize);
 }
 
-#[tokio::test]
-async fn cron_ticks_fire_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn cron_ticks_fire_once(db: &Db) {
+    let store = db.open().await;
     assert!(store
         .fire_cron(
             "f",
@@ -287,12 +372,10 @@ fn refuses_newer_schema_and_garbage_files() {
     assert_eq!(std::fs::read(&junk).unwrap(), vec![0x42u8; 8192]);
 }
 
-#[tokio::test]
-async fn prune_deletes_only_old_finished_history() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
-    let done = make_run(&store, "OLD").await;
-    let live = make_run(&store, "LIVE").await;
+async fn prune_deletes_only_old_finished_history(db: &Db) {
+    let store = db.open().await;
+    let done = make_run(&*store, "OLD").await;
+    let live = make_run(&*store, "LIVE").await;
     store
         .apply(
             Apply {
@@ -329,11 +412,9 @@ async fn prune_deletes_only_old_finished_history() {
     );
 }
 
-#[tokio::test]
-async fn writes_from_a_superseded_dispatch_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
-    let run = make_run(&store, "RUN9").await;
+async fn writes_from_a_superseded_dispatch_are_refused(db: &Db) {
+    let store = db.open().await;
+    let run = make_run(&*store, "RUN9").await;
     let item = format!("{run}:start");
     let stale = Apply {
         run_id: run.clone(),
