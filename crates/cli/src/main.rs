@@ -1,7 +1,7 @@
 //! `cairn`: run the Cairn server in dev or production mode.
 
 use anyhow::{bail, Context};
-use cairn_server::store::SqliteStore;
+use cairn_server::store::{PgOptions, PostgresStore, SqliteStore, Store};
 use cairn_server::{Config, Server};
 use clap::{Args, Parser, Subcommand};
 use std::net::{IpAddr, SocketAddr};
@@ -48,6 +48,12 @@ struct Common {
     /// Seconds to wait for an app to answer one call before counting it as a failed attempt.
     #[arg(long, env = "CAIRN_CALL_TIMEOUT", default_value_t = 300)]
     call_timeout: u64,
+    /// PostgreSQL connections this process keeps open (postgres:// databases only).
+    #[arg(long, env = "CAIRN_DB_POOL_SIZE", default_value_t = 16)]
+    db_pool_size: usize,
+    /// Seconds any one PostgreSQL statement may run before the server cancels it.
+    #[arg(long, env = "CAIRN_DB_STATEMENT_TIMEOUT", default_value_t = 30)]
+    db_statement_timeout: u64,
 }
 
 #[derive(Args)]
@@ -62,7 +68,8 @@ struct DevArgs {
         value_delimiter = ','
     )]
     sdk_url: Vec<String>,
-    /// Store, `sqlite://PATH`.
+    /// Store: `sqlite://PATH`, or `postgres://USER@HOST:PORT/DB` to share one database
+    /// between several `cairn` processes.
     #[arg(
         long,
         env = "CAIRN_DATABASE_URL",
@@ -81,7 +88,8 @@ struct StartArgs {
     /// Accepted event key (repeatable).
     #[arg(long = "event-key", env = "CAIRN_EVENT_KEY", value_delimiter = ',')]
     event_key: Vec<String>,
-    /// Store, `sqlite://PATH`.
+    /// Store: `sqlite://PATH`, or `postgres://USER@HOST:PORT/DB` to share one database
+    /// between several `cairn` processes.
     #[arg(
         long,
         env = "CAIRN_DATABASE_URL",
@@ -90,13 +98,21 @@ struct StartArgs {
     database_url: String,
 }
 
-fn open_store(url: &str) -> anyhow::Result<Arc<SqliteStore>> {
-    let path = match url.strip_prefix("sqlite://") {
-        Some(p) => PathBuf::from(p),
-        None if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            bail!("PostgreSQL is not supported yet; use sqlite://PATH")
-        }
-        None => bail!("unsupported --database-url {url:?}; expected sqlite://PATH"),
+async fn open_store(url: &str, c: &Common) -> anyhow::Result<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let opts = PgOptions {
+            pool_size: c.db_pool_size.max(1),
+            statement_timeout: Duration::from_secs(c.db_statement_timeout.max(1)),
+            schema: None,
+        };
+        // The error names host, port and database; never echo the URL (it may hold a password).
+        let store = PostgresStore::connect(url, opts)
+            .await
+            .context("opening the PostgreSQL database")?;
+        return Ok(Arc::new(store));
+    }
+    let Some(path) = url.strip_prefix("sqlite://").map(PathBuf::from) else {
+        bail!("unsupported --database-url; expected sqlite://PATH or postgres://USER@HOST:PORT/DB");
     };
     let store =
         SqliteStore::open(&path).with_context(|| format!("opening database {}", path.display()))?;
@@ -138,7 +154,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(a) => {
             let mut cfg = Config::dev(SocketAddr::new(a.common.host, a.common.port));
             apply_common(&mut cfg, &a.common);
-            (cfg, open_store(&a.database_url)?, a.sdk_url)
+            (
+                cfg,
+                open_store(&a.database_url, &a.common).await?,
+                a.sdk_url,
+            )
         }
         Command::Start(a) => {
             let Some(key) = a.signing_key.filter(|k| !k.is_empty()) else {
@@ -157,7 +177,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let mut cfg = Config::start(SocketAddr::new(a.common.host, a.common.port), key, keys);
             apply_common(&mut cfg, &a.common);
-            (cfg, open_store(&a.database_url)?, Vec::new())
+            (
+                cfg,
+                open_store(&a.database_url, &a.common).await?,
+                Vec::new(),
+            )
         }
     };
     let signal = shutdown_signal()?;
