@@ -438,3 +438,222 @@ async fn writes_from_a_superseded_dispatch_are_refused(db: &Db) {
         vec![("x".to_string(), json!({"data": 2}))]
     );
 }
+
+// PostgreSQL only: what several processes sharing one database rely on. Each "node" is a
+// store of its own with its own pool, as a separate `cairn` process would have.
+
+/// A run whose start item carries `flow` (e.g. a concurrency key).
+fn new_run(stored: &StoredEvent, run_id: &str, flow: RunFlow) -> NewRun {
+    NewRun {
+        run_id: run_id.to_string(),
+        fn_slug: "app-fn".into(),
+        idem_key: format!("{}:{run_id}", stored.internal_id),
+        events: vec![stored.event.clone()],
+        trigger_internal_id: stored.internal_id.clone(),
+        created_at: 1,
+        items: vec![NewItem {
+            id: format!("{run_id}:start"),
+            run_id: run_id.to_string(),
+            kind: ItemKind::Call {
+                step: None,
+                predecessor: None,
+            },
+            available_at: 0,
+            unless_memo: None,
+        }],
+        pauses: vec![],
+        flow,
+    }
+}
+
+/// One event creating `n` runs with the given flow control.
+async fn make_runs(store: &dyn Store, n: usize, flow: RunFlow) -> Vec<String> {
+    store.insert_events(vec![ev("t/many")]).await.unwrap();
+    let stored = store.unprocessed_events(1).await.unwrap().remove(0);
+    let runs: Vec<NewRun> = (0..n)
+        .map(|i| new_run(&stored, &format!("R{i:04}"), flow.clone()))
+        .collect();
+    store
+        .apply_event(stored, runs, vec![], matcher(), 1)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn pg_refuses_a_newer_schema_and_names_an_unreachable_server() {
+    let db = Db::pg();
+    let Db::Pg(schema) = &db else { unreachable!() };
+    drop(pg_open(schema).await);
+    let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("UPDATE {schema}.schema_version SET version = 99"))
+        .await
+        .unwrap();
+    let opts = PgOptions {
+        schema: Some(schema.clone()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        PostgresStore::connect(&pg_url(), opts).await,
+        Err(StoreError::SchemaTooNew { found: 99, .. })
+    ));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = PostgresStore::connect(
+        &format!("postgres://postgres@127.0.0.1:{port}/test"),
+        PgOptions::default(),
+    )
+    .await
+    .err()
+    .expect("connected to nothing");
+    assert!(
+        matches!(&err, StoreError::Unusable(m) if m.contains(&format!("127.0.0.1:{port}"))),
+        "{err}"
+    );
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_nodes_never_claim_the_same_item() {
+    let db = Db::pg();
+    let a = db.open().await;
+    let b = db.open().await;
+    let runs = make_runs(&*a, 200, RunFlow::default()).await;
+    let claimer = |store: Arc<dyn Store>, owner: &'static str| {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let items = store.claim(owner, 10, 100_000, 7).await.unwrap();
+                if items.is_empty() {
+                    break got;
+                }
+                got.extend(items.into_iter().map(|i| i.id));
+            }
+        })
+    };
+    let (x, y) = (claimer(a.clone(), "A"), claimer(b.clone(), "B"));
+    let (x, y) = (x.await.unwrap(), y.await.unwrap());
+    let mut all: Vec<String> = x.iter().chain(&y).cloned().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), x.len() + y.len(), "an item was claimed twice");
+    assert_eq!(all.len(), runs.len());
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_concurrency_limit_holds_across_nodes() {
+    let db = Db::pg();
+    let a = db.open().await;
+    let b = db.open().await;
+    let flow = RunFlow {
+        concurrency: vec![Slot {
+            key: "f:app-fn:tenant".into(),
+            limit: 2,
+        }],
+        ..Default::default()
+    };
+    make_runs(&*a, 40, flow).await;
+    // Both nodes race for the key's two slots many times over.
+    let mut leased = 0;
+    for round in 0..10 {
+        let (x, y) = tokio::join!(
+            a.claim("A", 10 + round, 100_000, 5),
+            b.claim("B", 10 + round, 100_000, 5)
+        );
+        leased += x.unwrap().len() + y.unwrap().len();
+    }
+    assert_eq!(leased, 2, "the limit of 2 was exceeded across nodes");
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_event_racing_a_new_pause_on_another_node_still_resumes_it() {
+    let db = Db::pg();
+    let a = db.open().await;
+    let b = db.open().await;
+    let runs = make_runs(&*a, 30, RunFlow::default()).await;
+    for run in &runs {
+        let name = format!("t/resume/{run}");
+        let since = a.event_high_water().await.unwrap();
+        // Node B accepts and matches the event while node A stores the pause.
+        let matcher_b = {
+            let b = b.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                b.insert_events(vec![ev(&name)]).await.unwrap();
+                for e in b.unprocessed_events(10).await.unwrap() {
+                    b.apply_event(e, vec![], vec![], matcher(), 2)
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        let pause = Pause {
+            id: format!("{run}:w:pause"),
+            run_id: run.clone(),
+            step: "w".into(),
+            kind: PauseKind::Wait,
+            event_name: name.clone(),
+            expr: None,
+            correlation: None,
+            trigger: json!({}),
+            expires_at: 10_000,
+            since_seq: since,
+        };
+        let timeout = NewItem {
+            id: format!("{run}:w:timeout"),
+            run_id: run.clone(),
+            kind: ItemKind::PauseTimeout {
+                pause_id: pause.id.clone(),
+                step: "w".into(),
+                invoke: false,
+            },
+            available_at: 10_000,
+            unless_memo: None,
+        };
+        a.apply(
+            Apply {
+                run_id: run.clone(),
+                pauses: vec![(pause, timeout)],
+                ..Default::default()
+            },
+            matcher(),
+            3,
+        )
+        .await
+        .unwrap();
+        matcher_b.await.unwrap();
+        let steps = a.steps(run).await.unwrap();
+        assert_eq!(steps.len(), 1, "run {run}: the wait was not resumed");
+        assert_eq!(steps[0].1["name"], json!(name));
+    }
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_cron_tick_fires_once_across_nodes() {
+    let db = Db::pg();
+    let nodes = [db.open().await, db.open().await, db.open().await];
+    for tick in 1..=20i64 {
+        let fired = futures::future::join_all(nodes.iter().map(|n| {
+            n.fire_cron(
+                "f",
+                "* * * * *",
+                tick * 60_000,
+                Some(ev("inngest/scheduled.timer")),
+            )
+        }))
+        .await;
+        let fired = fired.into_iter().filter(|r| *r.as_ref().unwrap()).count();
+        assert_eq!(fired, 1, "tick {tick} fired {fired} times");
+    }
+    assert_eq!(nodes[0].list_events(100, None).await.unwrap().len(), 20);
+    db.cleanup().await;
+}
