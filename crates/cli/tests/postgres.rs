@@ -369,29 +369,30 @@ async fn three_nodes_one_killed_repeatedly_every_run_finishes_exactly_once() {
     assert_eq!(finished_runs.len(), acked.len(), "finished events");
     assert_eq!(unique.len(), acked.len());
 
-    let c = app.counters.lock();
-    assert!(
-        c.violations.is_empty(),
-        "memoised results lost: {:?}",
-        c.violations
-    );
-    // A step body runs again only when a kill landed between the app running it and the
-    // commit of its result, i.e. it was in flight on the killed node.
-    let reruns: Vec<(&String, &usize)> = c
-        .executed
-        .iter()
-        .filter(|(k, v)| k.contains('/') && **v > 1)
-        .collect();
-    let total: usize = reruns.iter().map(|(_, v)| **v - 1).sum();
-    eprintln!(
-        "{} runs, {total} step re-executions after {ROUNDS} kills",
-        acked.len()
-    );
-    assert!(
-        total <= ROUNDS * 4,
-        "{total} step re-executions for {ROUNDS} kills: {reruns:?}"
-    );
-    drop(c);
+    {
+        let c = app.counters.lock();
+        assert!(
+            c.violations.is_empty(),
+            "memoised results lost: {:?}",
+            c.violations
+        );
+        // A step body runs again only when a kill landed between the app running it and the
+        // commit of its result, i.e. it was in flight on the killed node.
+        let reruns: Vec<(&String, &usize)> = c
+            .executed
+            .iter()
+            .filter(|(k, v)| k.contains('/') && **v > 1)
+            .collect();
+        let total: usize = reruns.iter().map(|(_, v)| **v - 1).sum();
+        eprintln!(
+            "{} runs, {total} step re-executions after {ROUNDS} kills",
+            acked.len()
+        );
+        assert!(
+            total <= ROUNDS * 4,
+            "{total} step re-executions for {ROUNDS} kills: {reruns:?}"
+        );
+    }
     drop(nodes);
     db.drop_db().await;
 }
