@@ -201,6 +201,7 @@ macro_rules! in_tx {
         let mut client = $self.client().await?;
         let mut tries = 0u32;
         loop {
+            count(2); // BEGIN and COMMIT (or ROLLBACK)
             let $tx = client.transaction().await.map_err(E::from)?;
             let out: R<_> = async { $body }.await;
             let out = match out {
@@ -221,7 +222,21 @@ macro_rules! in_tx {
     }};
 }
 
+/// Statements this process has sent (BEGIN and COMMIT included), across all stores.
+static STATEMENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Statements sent to PostgreSQL by this process so far, `BEGIN` and `COMMIT` included:
+/// what the database round trips of a workload are measured in.
+pub fn statements_sent() -> u64 {
+    STATEMENTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count(n: u64) {
+    STATEMENTS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
 async fn query<C: GenericClient>(c: &C, sql: &str, p: &[&(dyn ToSql + Sync)]) -> R<Vec<Row>> {
+    count(1);
     let st = c.prepare_cached(sql).await?;
     Ok(c.query(&st, p).await?)
 }
@@ -231,11 +246,13 @@ async fn query_opt<C: GenericClient>(
     sql: &str,
     p: &[&(dyn ToSql + Sync)],
 ) -> R<Option<Row>> {
+    count(1);
     let st = c.prepare_cached(sql).await?;
     Ok(c.query_opt(&st, p).await?)
 }
 
 async fn exec<C: GenericClient>(c: &C, sql: &str, p: &[&(dyn ToSql + Sync)]) -> R<u64> {
+    count(1);
     let st = c.prepare_cached(sql).await?;
     Ok(c.execute(&st, p).await?)
 }
@@ -742,6 +759,167 @@ async fn apply_inner<C: GenericClient>(
     Ok(())
 }
 
+/// The common shape of an SDK answer: memoise step results, queue the next call, drop the
+/// handled item. Anything else (waits, events, the run's end, retries, parallel bookkeeping,
+/// concurrency keys) takes the general path.
+fn fast_shape(a: &Apply) -> bool {
+    a.item.is_some()
+        && a.dispatch.is_none()
+        && a.pauses.is_empty()
+        && a.events.is_empty()
+        && a.retry.is_none()
+        && a.finish.is_none()
+        && a.add_pending.is_empty()
+        && a.expire_pause.is_none()
+        && a.reset_attempt.is_none()
+}
+
+/// Apply a result of [`fast_shape`] in ONE statement (so one round trip and, outside a
+/// transaction block, one commit), optionally leasing the run's next call to `lease`.
+///
+/// Every write is conditional on the handled item still being leased to its owner, having no
+/// concurrency keys to free, and its run running with no parallel steps pending. When any of
+/// that does not hold, nothing is written and `None` comes back: the caller then takes the
+/// general path, which decides between a lost lease and the full bookkeeping. Cancellation
+/// and every other way a run ends delete its queue items first, so the conditional delete of
+/// the item serialises this statement against them.
+async fn apply_fast<C: GenericClient>(
+    c: &C,
+    a: &Apply,
+    now: i64,
+    lease: Option<(&str, i64)>,
+) -> R<Option<Option<QueueItem>>> {
+    let Some((item_id, owner)) = &a.item else {
+        return Ok(None);
+    };
+    let memo_hashes: Vec<&str> = a.memos.iter().map(|(h, _)| h.as_str()).collect();
+    let memo_bodies: Vec<String> = a.memos.iter().map(|(_, m)| j(m)).collect();
+    // Items the general path would queue, in its order. A condition on a memo written by
+    // this same statement is decided here: statements in one WITH do not see each other.
+    let mut items: Vec<&NewItem> = a
+        .enqueue
+        .iter()
+        .filter(|i| {
+            i.unless_memo
+                .as_deref()
+                .is_none_or(|h| !memo_hashes.contains(&h))
+        })
+        .collect();
+    if let Some((_, discovery)) = &a.complete_pending {
+        items.push(discovery);
+    }
+    // The earliest due new item goes straight back to the caller, already leased.
+    let leased: Option<usize> = lease.and_then(|_| {
+        items
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.available_at <= now)
+            .min_by_key(|(_, i)| i.available_at)
+            .map(|(n, _)| n)
+    });
+    let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+    let kinds: Vec<String> = items.iter().map(|i| j(&i.kind)).collect();
+    let ats: Vec<i64> = items.iter().map(|i| i.available_at).collect();
+    let lease_flags: Vec<bool> = (0..items.len()).map(|n| Some(n) == leased).collect();
+    let unless: Vec<Option<&str>> = items.iter().map(|i| i.unless_memo.as_deref()).collect();
+    let (lease_owner, lease_until) = match lease {
+        Some((o, until)) => (Some(o), until),
+        None => (None, 0),
+    };
+    let row = query_opt(
+        c,
+        "WITH q AS (
+           DELETE FROM queue WHERE id = $1 AND lease_owner = $2 AND ck1 IS NULL AND ck2 IS NULL
+             AND EXISTS (SELECT 1 FROM runs WHERE run_id = $3 AND status = 'Running'
+                         AND pending = '[]' AND ck1 IS NULL AND ck2 IS NULL)
+           RETURNING 1
+         ), r AS (
+           UPDATE runs SET
+             version = CASE WHEN version = -1 THEN coalesce($4, version) ELSE version END,
+             disable_immediate = coalesce($5, disable_immediate)
+           WHERE run_id = $3 AND EXISTS (SELECT 1 FROM q) RETURNING 1
+         ), m AS (
+           INSERT INTO steps(run_id, hash, memo)
+           SELECT $3, t.h, t.m FROM unnest($6::text[], $7::text[]) WITH ORDINALITY AS t(h, m, o)
+           WHERE EXISTS (SELECT 1 FROM r) ORDER BY t.o
+           ON CONFLICT (run_id, hash) DO NOTHING
+         ), i AS (
+           INSERT INTO queue(id, run_id, kind, available_at, due_at, attempt, lease_owner)
+           SELECT t.id, $3, t.kind, t.at, CASE WHEN t.l THEN $9 ELSE t.at END, 0,
+                  CASE WHEN t.l THEN $8 END
+           FROM unnest($10::text[], $11::text[], $12::bigint[], $13::bool[], $14::text[])
+                AS t(id, kind, at, l, u)
+           WHERE EXISTS (SELECT 1 FROM r)
+             AND (t.u IS NULL OR NOT EXISTS
+                   (SELECT 1 FROM steps s WHERE s.run_id = $3 AND s.hash = t.u))
+           ON CONFLICT (id) DO NOTHING
+           RETURNING id, lease_owner IS NOT NULL AS leased
+         )
+         SELECT EXISTS (SELECT 1 FROM r), (SELECT id FROM i WHERE leased LIMIT 1)",
+        &[
+            item_id,
+            owner,
+            &a.run_id,
+            &a.version,
+            &a.disable_immediate,
+            &memo_hashes,
+            &memo_bodies,
+            &lease_owner,
+            &lease_until,
+            &ids,
+            &kinds,
+            &ats,
+            &lease_flags,
+            &unless,
+        ],
+    )
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    if !row.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let leased_id: Option<String> = row.get(1);
+    let next = leased.filter(|_| leased_id.is_some()).map(|n| QueueItem {
+        id: items[n].id.clone(),
+        run_id: items[n].run_id.clone(),
+        kind: items[n].kind.clone(),
+        attempt: 0,
+        available_at: items[n].available_at,
+    });
+    Ok(Some(next))
+}
+
+/// Lease the run's next due item to `owner`, unless flow control must look at it first
+/// (concurrency keys, an open debounce or batch). One statement.
+async fn lease_next<C: GenericClient>(
+    c: &C,
+    run_id: &str,
+    owner: &str,
+    now: i64,
+    lease_until: i64,
+) -> R<Option<QueueItem>> {
+    let row = query_opt(
+        c,
+        "UPDATE queue SET lease_owner=$1, due_at=$2 WHERE id = (
+           SELECT id FROM queue
+           WHERE run_id=$3 AND lease_owner IS NULL AND due_at<=$4 AND blocked_on IS NULL
+             AND ck1 IS NULL AND ck2 IS NULL AND rk IS NULL AND hold IS NULL
+           ORDER BY due_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+         RETURNING id, kind, attempt, available_at",
+        &[&owner, &lease_until, &run_id, &now],
+    )
+    .await?;
+    Ok(row.map(|r| QueueItem {
+        id: r.get(0),
+        run_id: run_id.to_string(),
+        kind: item_kind(r.get(1)),
+        attempt: r.get(2),
+        available_at: r.get(3),
+    }))
+}
+
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
@@ -1201,8 +1379,49 @@ impl Store for PostgresStore {
         matcher: Arc<dyn PauseMatcher>,
         now: i64,
     ) -> StoreResult<()> {
+        if fast_shape(&apply) {
+            // Scoped: the general path below takes a connection of its own.
+            let fast = {
+                let c = self.client().await?;
+                apply_fast(&c, &apply, now, None).await
+            };
+            match fast {
+                Ok(Some(_)) => return Ok(()),
+                // Not applicable after all, or a collision: the general path decides.
+                Ok(None) => {}
+                Err(e) if retryable(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         in_tx!(self, |tx| apply_inner(&tx, &apply, matcher.as_ref(), now)
             .await)
+    }
+
+    async fn apply_and_continue(
+        &self,
+        apply: Apply,
+        matcher: Arc<dyn PauseMatcher>,
+        now: i64,
+        owner: &str,
+        lease_until: i64,
+    ) -> StoreResult<Option<QueueItem>> {
+        if fast_shape(&apply) {
+            // Scoped: the general path below takes a connection of its own.
+            let fast = {
+                let c = self.client().await?;
+                apply_fast(&c, &apply, now, Some((owner, lease_until))).await
+            };
+            match fast {
+                Ok(Some(next)) => return Ok(next),
+                Ok(None) => {}
+                Err(e) if retryable(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        in_tx!(self, |tx| {
+            apply_inner(&tx, &apply, matcher.as_ref(), now).await?;
+            lease_next(&tx, &apply.run_id, owner, now, lease_until).await
+        })
     }
 
     async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool> {
