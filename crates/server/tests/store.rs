@@ -122,6 +122,7 @@ both_backends!(
     cron_ticks_fire_once,
     prune_deletes_only_old_finished_history,
     writes_from_a_superseded_dispatch_are_refused,
+    cancel_rules_see_only_events_after_the_trigger,
 );
 
 /// Insert one event and create a run from it; returns the run id.
@@ -656,4 +657,44 @@ async fn pg_cron_tick_fires_once_across_nodes() {
     }
     assert_eq!(nodes[0].list_events(100, None).await.unwrap().len(), 20);
     db.cleanup().await;
+}
+
+/// A run whose `cancelOn` names its own trigger's event: the trigger does not cancel it, the
+/// next such event does (and starts a run of its own, which it does not cancel either).
+async fn cancel_rules_see_only_events_after_the_trigger(db: &Db) {
+    let store = db.open().await;
+    let mut created = Vec::new();
+    for run_id in ["C1", "C2"] {
+        store.insert_events(vec![ev("t/start")]).await.unwrap();
+        let stored = store.unprocessed_events(1).await.unwrap().remove(0);
+        let mut run = new_run(&stored, run_id, RunFlow::default());
+        run.pauses = vec![Pause {
+            id: format!("{run_id}:cancel:0"),
+            run_id: run_id.into(),
+            step: String::new(),
+            kind: PauseKind::Cancel,
+            event_name: "t/start".into(),
+            expr: None,
+            correlation: None,
+            trigger: stored.event.clone(),
+            expires_at: 1_000_000,
+            since_seq: stored.seq,
+        }];
+        created.extend(
+            store
+                .apply_event(stored, vec![run], vec![], matcher(), 2)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(created, ["C1", "C2"]);
+    let status = |r: Option<Run>| r.unwrap().status;
+    assert_eq!(
+        status(store.get_run("C1").await.unwrap()),
+        RunStatus::Cancelled
+    );
+    assert_eq!(
+        status(store.get_run("C2").await.unwrap()),
+        RunStatus::Running
+    );
 }

@@ -13,7 +13,7 @@ use super::{
     lock_run, query, query_opt, R,
 };
 use crate::store::{
-    skipped_invoke_event, Finish, Hold, NewItem, NewRun, QueueInfo, QueueItem, RunStatus,
+    skipped_invoke_event, Finish, Hold, NewItem, NewRun, Pause, QueueInfo, QueueItem, RunStatus,
     SkipReason, Slot,
 };
 use deadpool_postgres::GenericClient;
@@ -75,7 +75,16 @@ async fn record_skip<C: GenericClient>(c: &C, run: &NewRun, reason: SkipReason, 
 
 /// Create one run of an event under its flow control. Returns whether a run was created
 /// (false: a redelivery, or the event joined another run or was dropped).
-pub(super) async fn create_run<C: GenericClient>(c: &C, r: &NewRun, now: i64) -> R<bool> {
+///
+/// `event_xid` is the transaction id the triggering event was stored in. The run's cancel
+/// pauses get it as their starting point: pause matching here compares transaction ids
+/// (see `event_high_water`), not the sequence numbers the engine fills in.
+pub(super) async fn create_run<C: GenericClient>(
+    c: &C,
+    r: &NewRun,
+    now: i64,
+    event_xid: i64,
+) -> R<bool> {
     // A redelivered event must not use up a rate limit or join a batch twice.
     let seen = query_opt(
         c,
@@ -147,7 +156,11 @@ pub(super) async fn create_run<C: GenericClient>(c: &C, r: &NewRun, now: i64) ->
         }
     }
     for p in &r.pauses {
-        insert_pause(c, p).await?;
+        let p = Pause {
+            since_seq: event_xid,
+            ..p.clone()
+        };
+        insert_pause(c, &p).await?;
     }
     after_create(c, r, now).await?;
     Ok(true)

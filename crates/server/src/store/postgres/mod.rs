@@ -1146,7 +1146,7 @@ impl Store for PostgresStore {
             };
             let mut created = Vec::new();
             for r in &runs {
-                if flow::create_run(&tx, r, now).await? {
+                if flow::create_run(&tx, r, now, xid).await? {
                     created.push(r.run_id.clone());
                 }
             }
@@ -1184,7 +1184,8 @@ impl Store for PostgresStore {
                 pauses.extend(by_corr.iter().map(row_pause));
             }
             for p in pauses {
-                if p.event_name != event.name || p.expires_at < now {
+                // A run's own trigger does not cancel it (it shares the trigger's xid).
+                if p.event_name != event.name || p.expires_at < now || created.contains(&p.run_id) {
                     continue;
                 }
                 if matcher.matches(&p, &event.event) {
