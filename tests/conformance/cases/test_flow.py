@@ -203,8 +203,9 @@ def test_throttle_spacing(sdk, make_stack):
     completed_all(st.cairn, [st.cairn.wait_run_id(e) for e in ids])
     ts = starts(recs)
     g = gaps_s(ts)
-    assert min(g) >= 1.0, f"throttled starts only {g}s apart (period 2 s)"
-    assert 3.0 <= (ts[-1] - ts[0]) / 1000 <= 12, f"3 starts spread over {g}"
+    # Ideal: 2 s apart. One start delayed by load can shorten the next gap, not erase it.
+    assert min(g) >= 0.8, f"throttled starts only {g}s apart (period 2 s)"
+    assert 2.5 <= (ts[-1] - ts[0]) / 1000 <= 12, f"3 starts spread over {g}"
     assert len({r["run"] for r in recs}) == 3
 
 
@@ -355,19 +356,26 @@ def test_debounce_timeout(sdk, make_stack):
     c = st.cairn
     t0 = now_ms()
     i = 0
-    while now_ms() - t0 < 7000:
+    while True:
+        t_last = now_ms()
         c.send_one("conf/flow-debounce-timeout", {"counter": i})
         i += 1
+        if now_ms() - t0 >= 7000:
+            break
         time.sleep(0.5)
-    t_end = now_ms()
     recs = st.app.recs("flow-debounce-timeout")
-    assert len(recs) == 1, f"{len(recs)} runs started during the stream: {recs}"
-    at = (recs[0]["t"] - t0) / 1000
-    assert 3.0 <= at, f"forced start {at:.2f}s after the first event (timeout 4 s)"
-    assert recs[0]["t"] < t_end
-    # The rest of the stream debounces into at most two more runs; none is lost forever.
+    assert recs, "no run started during a 7 s stream (debounce timeout 4 s)"
+    first = min(r["t"] for r in recs)
+    at = (first - t0) / 1000
+    assert at >= 3.0, f"first run {at:.2f}s after the first event (timeout 4 s)"
+    assert first < t_last, "the first run did not start until the stream ended"
+    # The rest of the stream debounces into one or two more runs (timeout or quiet period);
+    # the starts stay a timeout or a period apart, never one run per event.
     recs = wait_recs(st, "flow-debounce-timeout", 2, timeout=12)
-    assert len(recs) <= 3, recs
+    time.sleep(2.5)
+    recs = st.app.recs("flow-debounce-timeout")
+    g = gaps_s(starts(recs))
+    assert len(recs) <= 3 and min(g) >= 2.5, f"{len(recs)} runs, starts {g}s apart"
 
 
 # ---- priority (§17) -----------------------------------------------------------------------
@@ -377,11 +385,14 @@ def test_priority_reorders_backlog(sdk, make_stack):
     (priority +5 s) runs before "low"."""
     st = make_stack(sdk)
     c = st.cairn
-    ids = [c.send_one("conf/flow-priority", {"priority": "none", "ms": 1500})]
+    # "none" holds the only slot for 3 s, long enough for both others to be queued behind it
+    # even on a loaded machine; they themselves are short.
+    ids = [c.send_one("conf/flow-priority", {"priority": "none", "ms": 3000})]
     wait_recs(st, "flow-priority", 1)
-    ids.append(c.send_one("conf/flow-priority", {"priority": "low", "ms": 1500}))
+    ids.append(c.send_one("conf/flow-priority", {"priority": "low", "ms": 500}))
     time.sleep(0.3)
-    ids.append(c.send_one("conf/flow-priority", {"priority": "high", "ms": 1500}))
+    ids.append(c.send_one("conf/flow-priority", {"priority": "high", "ms": 500}))
+    assert st.app.gauges()["flow-priority"]["now"] == 1, "'none' ended before the backlog formed"
     recs = wait_recs(st, "flow-priority", 3, timeout=20)
     completed_all(c, [c.wait_run_id(e) for e in ids])
     order = [r["priority"] for r in sorted(recs, key=lambda r: r["t"])]
