@@ -22,6 +22,8 @@ pub struct Sample {
     /// When the load generator saw completion (includes Cairn's polling granularity).
     pub observed_ms: f64,
     pub polls: u32,
+    /// The run went to the hot tenant (`Driver::Cairn::hot_every`).
+    pub hot: bool,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -186,18 +188,27 @@ async fn one_run(
                 latency_ms: ms,
                 observed_ms: ms,
                 polls: 0,
+                hot: false,
             })
         }
         Driver::Cairn {
             base,
             event,
             tenants,
+            hot_every,
         } => {
             let mut data = json!({ "size": size });
+            let hot = *tenants > 0 && *hot_every > 0 && index % hot_every == 0;
             if *tenants > 0 {
-                data["tenant"] = json!(tenant_id(index % tenants));
+                let t = match (*hot_every, *tenants) {
+                    (0, n) => index % n,
+                    _ if hot => 0,
+                    (_, n) => 1 + index % (n - 1).max(1),
+                };
+                data["tenant"] = json!(tenant_id(t));
             }
-            cairn_run(http, base, event, data, pacer, deadline).await
+            let s = cairn_run(http, base, event, data, pacer, deadline).await?;
+            Ok(Sample { hot, ..s })
         }
     }
 }
@@ -284,6 +295,7 @@ async fn cairn_run(
                     latency_ms,
                     observed_ms,
                     polls,
+                    hot: false,
                 });
             }
             Some(s @ ("Failed" | "Cancelled")) => bail!("run {s}: {}", run["output"]),

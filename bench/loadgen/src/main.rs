@@ -145,6 +145,11 @@ struct FlowArgs {
     /// Tenants the keyed runs are spread over, round-robin (`data.tenant` = tenant-0000 …).
     #[arg(long = "tenants", default_value_t = 1000)]
     tenants: usize,
+    /// Send every K-th keyed run to one hot tenant (tenant-0000) and the rest round-robin
+    /// over the others; the hot and the other runs' latencies are reported apart (a
+    /// head-of-line check: with C well above 10·K the hot tenant's limit binds).
+    #[arg(long = "hot-every", default_value_t = 0)]
+    hot_every: usize,
     /// Rounds of (baseline,) unconstrained, keyed, back to back (default 2; smoke 1).
     #[arg(long = "flow-rounds")]
     flow_rounds: Option<usize>,
@@ -465,7 +470,7 @@ async fn measure(
         .map(|(r, _)| r)
 }
 
-/// [`measure`], also returning every measured run's latency (ms).
+/// [`measure`], also returning every measured run's sample.
 async fn measure_samples(
     stack: &mut Stack,
     name: &str,
@@ -473,7 +478,7 @@ async fn measure_samples(
     c: usize,
     n: usize,
     budget: Duration,
-) -> Result<(ScenarioResult, Vec<f64>)> {
+) -> Result<(ScenarioResult, Vec<load::Sample>)> {
     let warm_n = (n / 10).clamp(c.min(n), 200);
     let warm = drive(
         &stack.http,
@@ -525,7 +530,7 @@ async fn measure_samples(
         },
         data_bytes_end: stack.data_bytes(),
     };
-    Ok((result, out.samples.iter().map(|s| s.latency_ms).collect()))
+    Ok((result, out.samples))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -979,6 +984,8 @@ struct FlowPhase {
     /// The app's `/flow-stats` after the phase (calls of the keyed function in progress at
     /// once, per tenant and in all).
     app_flow_stats: Value,
+    /// With `--hot-every`: latency of the hot tenant's runs and of the others'.
+    hot_split: Option<Value>,
     result: ScenarioResult,
 }
 
@@ -995,6 +1002,9 @@ struct FlowAggregate {
     runs_per_s_by_round: Vec<f64>,
     /// Over the runs of all the variant's phases.
     latency_ms: Percentiles,
+    /// Server CPU seconds per 1,000 runs over all its phases: less sensitive than runs/s to
+    /// what else the machine is doing.
+    server_cpu_s_per_1000_runs: f64,
     /// Mean of the 1-minute load average at the start and end of its phases.
     load_avg_1m: f64,
 }
@@ -1027,7 +1037,8 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
         if smoke { " (smoke)" } else { "" }
     );
     let mut phases: Vec<FlowPhase> = Vec::new();
-    let mut latencies: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
+    let mut samples: std::collections::BTreeMap<&'static str, Vec<load::Sample>> =
+        Default::default();
     let mut failures = Vec::new();
     for round in 1..=rounds {
         let mut plan: Vec<(&'static str, &Paths, String)> = Vec::new();
@@ -1054,7 +1065,7 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
                 let mut stack =
                     systems::start_cairn(p, AppKind::Rust, &format!("flow-{variant}"), c).await?;
                 if keyed {
-                    stack.target(&a.flow_event, tenants);
+                    stack.target(&a.flow_event, tenants, a.hot_every);
                 }
                 let r = measure_samples(&mut stack, &name, size, c, n, budget).await;
                 let stats = app_flow_stats(&stack).await;
@@ -1084,7 +1095,23 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
                             ));
                         }
                     }
-                    latencies.entry(variant).or_default().extend(lat);
+                    let hot_split = (keyed && a.hot_every > 0).then(|| {
+                        let pick = |hot: bool| {
+                            Percentiles::of(
+                                lat.iter()
+                                    .filter(|s| s.hot == hot)
+                                    .map(|s| s.latency_ms)
+                                    .collect(),
+                            )
+                        };
+                        let (h, o) = (pick(true), pick(false));
+                        eprintln!(
+                            "    hot tenant: p50 {:.1} ms, p99 {:.1} ms; other tenants: p50 {:.1} ms, p99 {:.1} ms",
+                            h.p50, h.p99, o.p50, o.p99
+                        );
+                        json!({ "hot_tenant": h, "other_tenants": o })
+                    });
+                    samples.entry(variant).or_default().extend(lat);
                     phases.push(FlowPhase {
                         round,
                         variant,
@@ -1092,6 +1119,7 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
                         load_avg_start: load0,
                         load_avg_end: load1,
                         app_flow_stats: stats,
+                        hot_split,
                         result: r,
                     });
                 }
@@ -1116,7 +1144,18 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
             errors: ps.iter().map(|p| p.result.errors).sum(),
             runs_per_s: ok as f64 / wall.max(1e-9),
             runs_per_s_by_round: ps.iter().map(|p| p.result.runs_per_s).collect(),
-            latency_ms: Percentiles::of(latencies.get(variant).cloned().unwrap_or_default()),
+            latency_ms: Percentiles::of(
+                samples
+                    .get(variant)
+                    .map(|v| v.iter().map(|s| s.latency_ms).collect())
+                    .unwrap_or_default(),
+            ),
+            server_cpu_s_per_1000_runs: ps
+                .iter()
+                .map(|p| p.result.server().map(|s| s.cpu_s).unwrap_or(f64::NAN))
+                .sum::<f64>()
+                / ok.max(1) as f64
+                * 1000.0,
             load_avg_1m: ps
                 .iter()
                 .map(|p| (p.load_avg_start[0] + p.load_avg_end[0]) / 2.0)
@@ -1158,11 +1197,16 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
 
     let mut md = String::from("## Flow control's cost\n\n");
     md.push_str(&format!(
-        "The founding function (C={c}, {size} B, {n} measured runs per phase after a warm-up), unconstrained (`founding`, event `{}`) and keyed (`founding-keyed`, event `{}`, `concurrency: [{{\"limit\": {KEYED_LIMIT}, \"key\": \"event.data.tenant\"}}]`, runs spread round-robin over {tenants} tenants){}; {rounds} round(s), each phase on freshly started processes, back to back.\n\n",
+        "The founding function (C={c}, {size} B, {n} measured runs per phase after a warm-up), unconstrained (`founding`, event `{}`) and keyed (`founding-keyed`, event `{}`, `concurrency: [{{\"limit\": {KEYED_LIMIT}, \"key\": \"event.data.tenant\"}}]`, {}){}; {rounds} round(s), each phase on freshly started processes, back to back, even rounds in reverse order.\n\n",
         systems::EVENT,
         a.flow_event,
+        if a.hot_every > 0 {
+            format!("every {}th run to one hot tenant, the others round-robin over {} tenants", a.hot_every, tenants.saturating_sub(1))
+        } else {
+            format!("runs spread round-robin over {tenants} tenants")
+        },
         if baseline.is_some() {
-            format!(", plus the unconstrained function on the baseline server ({}) first in every round", a.baseline_label)
+            format!(", plus the unconstrained function on the baseline server ({})", a.baseline_label)
         } else {
             String::new()
         }
@@ -1176,10 +1220,10 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
         })
         .collect();
     md.push_str(&report::table(&rows));
-    md.push_str("\n| variant | server | runs/s (all rounds) | runs/s by round | p50 ms | p90 ms | p99 ms | ok / errors | load avg (1 min) |\n|---|---|---:|---|---:|---:|---:|---:|---:|\n");
+    md.push_str("\n| variant | server | runs/s (all rounds) | runs/s by round | p50 ms | p90 ms | p99 ms | server CPU-s /1k runs | ok / errors | load avg (1 min) |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|\n");
     for g in &aggs {
         md.push_str(&format!(
-            "| {} | {} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {} / {} | {:.2} |\n",
+            "| {} | {} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {} / {} | {:.2} |\n",
             g.variant,
             g.server,
             g.runs_per_s,
@@ -1191,6 +1235,7 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
             g.latency_ms.p50,
             g.latency_ms.p90,
             g.latency_ms.p99,
+            g.server_cpu_s_per_1000_runs,
             g.runs_ok,
             g.errors,
             g.load_avg_1m
@@ -1202,22 +1247,54 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let cpu_ratio = |num: &str, den: &str| {
+        find(num)
+            .zip(find(den))
+            .map(|(x, y)| x.server_cpu_s_per_1000_runs / y.server_cpu_s_per_1000_runs)
+            .unwrap_or(f64::NAN)
+    };
     if let Some((r, rs)) = &keyed_ratio {
         md.push_str(&format!(
-            "\nKeyed / unconstrained throughput: **{r:.3}×** (by round: {}; median {:.3}×); goal ≥ 0.80×: {}.\n",
+            "\nKeyed / unconstrained throughput: **{r:.3}×** (by round: {}; median {:.3}×); goal ≥ 0.80×: {}. Server CPU per run, keyed / unconstrained: {:.3}×.\n",
             by_round(rs),
             median(rs),
-            if *r >= 0.8 { "met" } else { "NOT MET" }
+            if *r >= 0.8 { "met" } else { "NOT MET" },
+            cpu_ratio("keyed", "unconstrained")
         ));
     }
     if let Some((r, rs)) = &before_ratio {
         md.push_str(&format!(
-            "\nUnconstrained, this build / {}: **{r:.3}×** (by round: {}; median {:.3}×); goal within 5% (≥ 0.95×): {}.\n",
+            "\nUnconstrained, this build / {}: **{r:.3}×** (by round: {}; median {:.3}×); goal within 5% (≥ 0.95×): {}. Server CPU per run, this build / {}: {:.3}×.\n",
             a.baseline_label,
             by_round(rs),
             median(rs),
-            if *r >= 0.95 { "met" } else { "NOT MET" }
+            if *r >= 0.95 { "met" } else { "NOT MET" },
+            a.baseline_label,
+            cpu_ratio("unconstrained", "baseline")
         ));
+    }
+    let splits: Vec<(usize, &Value)> = phases
+        .iter()
+        .filter_map(|p| p.hot_split.as_ref().map(|h| (p.round, h)))
+        .collect();
+    if !splits.is_empty() {
+        md.push_str("\n| round | runs | p50 ms | p90 ms | p99 ms | max ms |\n|---|---|---:|---:|---:|---:|\n");
+        for (round, h) in splits {
+            for (who, k) in [
+                ("hot tenant", "hot_tenant"),
+                ("other tenants", "other_tenants"),
+            ] {
+                let p = &h[k];
+                let f = |x: &str| p[x].as_f64().unwrap_or(f64::NAN);
+                md.push_str(&format!(
+                    "| {round} | {who} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+                    f("p50"),
+                    f("p90"),
+                    f("p99"),
+                    f("max")
+                ));
+            }
+        }
     }
     let stats: Vec<&Value> = phases
         .iter()
@@ -1246,10 +1323,10 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
         &json!({
             "machine": machine_description().trim(), "smoke": smoke, "runs": n, "concurrency": c,
             "size_bytes": size, "tenants": tenants, "limit_per_tenant": KEYED_LIMIT,
-            "keyed_event": a.flow_event, "rounds": rounds, "baseline": a.baseline_label.clone(),
+            "keyed_event": a.flow_event, "hot_every": a.hot_every, "rounds": rounds, "baseline": a.baseline_label.clone(),
             "phases": phases, "aggregates": aggs,
-            "keyed_over_unconstrained": keyed_ratio.as_ref().map(|(r, rs)| json!({ "ratio": r, "by_round": rs, "median_of_rounds": median(rs) })),
-            "this_over_baseline": before_ratio.as_ref().map(|(r, rs)| json!({ "ratio": r, "by_round": rs, "median_of_rounds": median(rs) })),
+            "keyed_over_unconstrained": keyed_ratio.as_ref().map(|(r, rs)| json!({ "ratio": r, "by_round": rs, "median_of_rounds": median(rs), "server_cpu_per_run_ratio": cpu_ratio("keyed", "unconstrained") })),
+            "this_over_baseline": before_ratio.as_ref().map(|(r, rs)| json!({ "ratio": r, "by_round": rs, "median_of_rounds": median(rs), "server_cpu_per_run_ratio": cpu_ratio("unconstrained", "baseline") })),
         }),
     )?;
     println!("results: {}", path.display());

@@ -90,11 +90,14 @@ impl AppKind {
 #[derive(Clone)]
 pub enum Driver {
     /// `POST /e` with `{"name": event, "data": {"size": …}}`; with `tenants > 0`, the data
-    /// also carries `"tenant": "tenant-NNNN"`, run i going to tenant i mod `tenants`.
+    /// also carries `"tenant": "tenant-NNNN"`, run i going to tenant i mod `tenants` — or,
+    /// with `hot_every = K > 0`, every K-th run to tenant-0000 (the hot tenant) and the
+    /// others round-robin over the rest.
     Cairn {
         base: String,
         event: String,
         tenants: usize,
+        hot_every: usize,
     },
     Restate {
         ingress: String,
@@ -127,12 +130,19 @@ impl Stack {
             Driver::Restate { .. } => procs::dir_size(&self.data),
         }
     }
-    /// Points a Cairn stack's runs at `event`, spread round-robin over `tenants` tenant ids
-    /// (0: no tenant field).
-    pub fn target(&mut self, to_event: &str, to_tenants: usize) {
-        if let Driver::Cairn { event, tenants, .. } = &mut self.driver {
+    /// Points a Cairn stack's runs at `event`, spread over `tenants` tenant ids (0: no
+    /// tenant field), every `hot_every`-th to the hot tenant (0: none); see [`Driver`].
+    pub fn target(&mut self, to_event: &str, to_tenants: usize, to_hot_every: usize) {
+        if let Driver::Cairn {
+            event,
+            tenants,
+            hot_every,
+            ..
+        } = &mut self.driver
+        {
             *event = to_event.to_string();
             *tenants = to_tenants;
+            *hot_every = to_hot_every;
         }
     }
     pub fn stop(mut self) {
@@ -199,6 +209,7 @@ pub async fn start_cairn(paths: &Paths, kind: AppKind, tag: &str, pool: usize) -
             base,
             event: EVENT.to_string(),
             tenants: 0,
+            hot_every: 0,
         },
         http,
         data: db,
