@@ -275,19 +275,26 @@ fn start_refuses_an_unreachable_database_clearly() {
 async fn three_nodes_one_killed_repeatedly_every_run_finishes_exactly_once() {
     let db = TestDb::create().await;
     let url = db.url();
+    let mut tick = FakeFn::new("tick", "unused", vec![Step::Run("t", json!(1))]);
+    tick.triggers = json!([{"cron": "* * * * * *"}]);
     let app = FakeApp::start_with_key(
         "multi",
-        vec![FakeFn::new(
-            "flow",
-            "multi/start",
-            vec![
-                Step::Run("a", json!("A")),
-                Step::Sleep("s", "1s"),
-                Step::Run("b", json!("B")),
-                Step::Wait("w", "multi/go", Some("async.data.n == event.data.n"), "2s"),
-                Step::Run("c", json!("C")),
-            ],
-        )],
+        vec![
+            FakeFn::new(
+                "flow",
+                "multi/start",
+                vec![
+                    Step::Run("a", json!("A")),
+                    Step::Sleep("s", "1s"),
+                    Step::Run("b", json!("B")),
+                    Step::Wait("w", "multi/go", Some("async.data.n == event.data.n"), "2s"),
+                    Step::Invoke("i", "multi-child", json!({"k": 1})),
+                    Step::Run("c", json!("C")),
+                ],
+            ),
+            FakeFn::new("child", "multi/child", vec![Step::Run("ch", json!("CH"))]),
+            tick,
+        ],
         Some(KEY),
     )
     .await;
@@ -337,6 +344,11 @@ async fn three_nodes_one_killed_repeatedly_every_run_finishes_exactly_once() {
         let run = ended_run(&base, event_id, deadline).await;
         assert_eq!(run["status"], "Completed", "event {n}: {run}");
         assert_eq!(run["output"]["steps"]["c"], json!({"data": "C"}));
+        assert_eq!(
+            run["output"]["steps"]["i"]["data"]["steps"]["ch"],
+            json!({"data": "CH"}),
+            "event {n}: the invoke's result: {run}"
+        );
         assert_eq!(run["output"]["event"]["n"], *n);
         let w = &run["output"]["steps"]["w"];
         assert!(
@@ -348,14 +360,23 @@ async fn three_nodes_one_killed_repeatedly_every_run_finishes_exactly_once() {
     assert_eq!(run_ids.len(), acked.len());
 
     // Finalisation ran once per run: exactly one function.finished event each.
-    let mut finished = Vec::new();
-    for _ in 0..100 {
+    let flow_finished = || async {
         let evs = get(
             &base,
-            "/v1/events?name=inngest/function.finished&limit=1000",
+            "/v1/events?name=inngest/function.finished&limit=5000",
         )
         .await;
-        finished = evs["data"].as_array().cloned().unwrap_or_default();
+        evs["data"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["data"]["function_id"] == "multi-flow")
+            .collect::<Vec<Value>>()
+    };
+    let mut finished = Vec::new();
+    for _ in 0..100 {
+        finished = flow_finished().await;
         if finished.len() >= acked.len() {
             break;
         }
@@ -368,6 +389,28 @@ async fn three_nodes_one_killed_repeatedly_every_run_finishes_exactly_once() {
     let unique: HashSet<&str> = finished_runs.iter().copied().collect();
     assert_eq!(finished_runs.len(), acked.len(), "finished events");
     assert_eq!(unique.len(), acked.len());
+
+    // Every node runs the cron loop: each second's tick was stored once and started one run.
+    let ticks = get(&base, "/v1/events?name=inngest/scheduled.timer&limit=5000").await;
+    let ticks = ticks["data"].as_array().cloned().unwrap_or_default();
+    let tick_ids: Vec<&str> = ticks.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    let unique_ticks: HashSet<&str> = tick_ids.iter().copied().collect();
+    assert_eq!(unique_ticks.len(), tick_ids.len(), "a tick fired twice");
+    assert!(tick_ids.len() >= 5, "too few ticks: {tick_ids:?}");
+    for e in &ticks {
+        let id = e["internal_id"].as_str().unwrap();
+        let mut runs = 0;
+        for _ in 0..100 {
+            runs = get(&base, &format!("/v1/events/{id}/runs")).await["data"]
+                .as_array()
+                .map_or(0, Vec::len);
+            if runs > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(runs, 1, "tick {} started {runs} runs", e["id"]);
+    }
 
     {
         let c = app.counters.lock();

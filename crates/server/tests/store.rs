@@ -698,3 +698,77 @@ async fn cancel_rules_see_only_events_after_the_trigger(db: &Db) {
         RunStatus::Running
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_cancel_event_matched_elsewhere_before_its_run_existed_still_cancels() {
+    let db = Db::pg();
+    let a = db.open().await;
+    let b = db.open().await;
+    // An earlier cancel event, the trigger, and a later cancel event, in that order.
+    a.insert_events(vec![ev("t/stop"), ev("t/start"), ev("t/stop")])
+        .await
+        .unwrap();
+    let evs = a.unprocessed_events(10).await.unwrap();
+    let (early, trigger, late) = (evs[0].clone(), evs[1].clone(), evs[2].clone());
+    // Node B matches both cancel events before node A has created the run.
+    for e in [early, late] {
+        b.apply_event(e, vec![], vec![], matcher(), 2)
+            .await
+            .unwrap();
+    }
+    let mut run = new_run(&trigger, "X1", RunFlow::default());
+    run.pauses = vec![Pause {
+        id: "X1:cancel:0".into(),
+        run_id: "X1".into(),
+        step: String::new(),
+        kind: PauseKind::Cancel,
+        event_name: "t/stop".into(),
+        expr: None,
+        correlation: None,
+        trigger: trigger.event.clone(),
+        expires_at: 1_000_000,
+        since_seq: trigger.seq,
+    }];
+    let created = a
+        .apply_event(trigger, vec![run], vec![], matcher(), 3)
+        .await
+        .unwrap();
+    assert_eq!(created, ["X1"]);
+    assert_eq!(
+        a.get_run("X1").await.unwrap().unwrap().status,
+        RunStatus::Cancelled,
+        "the later cancel event was lost"
+    );
+
+    // Only an earlier cancel event: the run stays.
+    a.insert_events(vec![ev("t/halt"), ev("t/start")])
+        .await
+        .unwrap();
+    let evs = a.unprocessed_events(10).await.unwrap();
+    let (early, trigger) = (evs[0].clone(), evs[1].clone());
+    b.apply_event(early, vec![], vec![], matcher(), 4)
+        .await
+        .unwrap();
+    let mut run = new_run(&trigger, "X2", RunFlow::default());
+    run.pauses = vec![Pause {
+        id: "X2:cancel:0".into(),
+        run_id: "X2".into(),
+        step: String::new(),
+        kind: PauseKind::Cancel,
+        event_name: "t/halt".into(),
+        expr: None,
+        correlation: None,
+        trigger: trigger.event.clone(),
+        expires_at: 1_000_000,
+        since_seq: trigger.seq,
+    }];
+    a.apply_event(trigger, vec![run], vec![], matcher(), 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.get_run("X2").await.unwrap().unwrap().status,
+        RunStatus::Running,
+        "cancelled by an event from before its trigger"
+    );
+    db.cleanup().await;
+}

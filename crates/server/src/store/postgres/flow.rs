@@ -9,12 +9,12 @@
 //! under a transaction-scoped advisory lock on that key.
 
 use super::{
-    exec, finish_run, insert_event, insert_item, insert_pause, item_kind, j, lock, lock_all,
-    lock_run, query, query_opt, R,
+    event_lock, exec, finish_run, insert_event, insert_item, insert_pause, item_kind, j, lock,
+    lock_all, lock_run, query, query_opt, resume_pause, row_event, EVENT_COLS, R,
 };
 use crate::store::{
-    skipped_invoke_event, Finish, Hold, NewItem, NewRun, Pause, QueueInfo, QueueItem, RunStatus,
-    SkipReason, Slot,
+    skipped_invoke_event, Finish, Hold, NewItem, NewRun, Pause, PauseMatcher, QueueInfo, QueueItem,
+    RunStatus, SkipReason, Slot,
 };
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
@@ -75,15 +75,12 @@ async fn record_skip<C: GenericClient>(c: &C, run: &NewRun, reason: SkipReason, 
 
 /// Create one run of an event under its flow control. Returns whether a run was created
 /// (false: a redelivery, or the event joined another run or was dropped).
-///
-/// `event_xid` is the transaction id the triggering event was stored in. The run's cancel
-/// pauses get it as their starting point: pause matching here compares transaction ids
-/// (see `event_high_water`), not the sequence numbers the engine fills in.
 pub(super) async fn create_run<C: GenericClient>(
     c: &C,
     r: &NewRun,
     now: i64,
-    event_xid: i64,
+    held_lock: &str,
+    matcher: &dyn PauseMatcher,
 ) -> R<bool> {
     // A redelivered event must not use up a rate limit or join a batch twice.
     let seen = query_opt(
@@ -156,14 +153,47 @@ pub(super) async fn create_run<C: GenericClient>(
         }
     }
     for p in &r.pauses {
-        let p = Pause {
-            since_seq: event_xid,
-            ..p.clone()
-        };
-        insert_pause(c, &p).await?;
+        insert_pause(c, p).await?;
+    }
+    for p in &r.pauses {
+        if cancelled_by_earlier_match(c, p, held_lock, matcher, now).await? {
+            break;
+        }
     }
     after_create(c, r, now).await?;
     Ok(true)
+}
+
+/// A cancel rule is created with its run, starting after the trigger's sequence number. On
+/// one node events are matched in sequence order, so no later event has been matched yet;
+/// with several nodes one may have been, by another node, before this run existed. Under the
+/// rule's event-name lock, look for such an event and cancel the run if one matches.
+async fn cancelled_by_earlier_match<C: GenericClient>(
+    c: &C,
+    p: &Pause,
+    held_lock: &str,
+    matcher: &dyn PauseMatcher,
+    now: i64,
+) -> R<bool> {
+    let name_lock = event_lock(&p.event_name);
+    if name_lock != held_lock {
+        lock(c, &name_lock).await?;
+    }
+    let later = query(
+        c,
+        &format!(
+            "SELECT {EVENT_COLS} FROM events WHERE name=$1 AND seq>$2 AND processed ORDER BY seq"
+        ),
+        &[&p.event_name, &p.since_seq],
+    )
+    .await?;
+    for ev in later.iter().map(row_event) {
+        if matcher.matches(p, &ev.event) {
+            resume_pause(c, p, &ev.event, now).await?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Apply a new run's flow control; false means the event was absorbed (joined a debounce

@@ -13,7 +13,9 @@
 //!   before counting holders, so two nodes cannot both take a key's last slot.
 //! * **Waits**: matching an event against pauses and inserting a pause both take an
 //!   advisory lock on the event name, so one of them always sees the other (see
-//!   [`PostgresStore::event_high_water`] for how "after the wait started" is decided).
+//!   [`Store::event_high_water`] on this type for how "after the wait started" is decided).
+//!   Cancel rules, created with their run, are also checked against later events another
+//!   node may already have matched.
 //! * **Runs** are unique on `(function, idempotency key)`; an event is matched at most once
 //!   (re-checked under its name lock), and each run's row is locked before it is read and
 //!   changed.
@@ -1108,9 +1110,12 @@ impl Store for PostgresStore {
     /// Not the highest sequence number: sequence numbers are handed out before commit, so
     /// a lower one can still commit after a higher one has been read. Instead this is the
     /// oldest transaction id still running anywhere; every event committed after this call
-    /// carries a transaction id at least this high (its `xid` column), which is what pause
-    /// matching compares. An event committed shortly before may also qualify: a wait can be
-    /// resumed by an event from just before it started, never miss one from after.
+    /// carries a transaction id at least this high (its `xid` column), which is what wait
+    /// and invoke matching compares. An event committed shortly before may also qualify: a
+    /// wait can be resumed by an event from just before it started, never miss one from
+    /// after. (A transaction left open elsewhere on the server holds this value back and
+    /// widens that window.) Cancel rules keep comparing sequence numbers, as the engine
+    /// gives them the trigger's.
     async fn event_high_water(&self) -> StoreResult<i64> {
         let c = self.client().await?;
         let rows = query(
@@ -1131,7 +1136,8 @@ impl Store for PostgresStore {
         now: i64,
     ) -> StoreResult<Vec<String>> {
         in_tx!(self, |tx| {
-            lock(&tx, &event_lock(&event.name)).await?;
+            let name_lock = event_lock(&event.name);
+            lock(&tx, &name_lock).await?;
             // Another node may have matched it while this one waited for the lock.
             let state = query_opt(
                 &tx,
@@ -1146,7 +1152,7 @@ impl Store for PostgresStore {
             };
             let mut created = Vec::new();
             for r in &runs {
-                if flow::create_run(&tx, r, now, xid).await? {
+                if flow::create_run(&tx, r, now, &name_lock, matcher.as_ref()).await? {
                     created.push(r.run_id.clone());
                 }
             }
@@ -1166,9 +1172,10 @@ impl Store for PostgresStore {
             let mut pauses: Vec<Pause> = query(
                 &tx,
                 &format!(
-                    "SELECT {PAUSE_COLS} FROM pauses WHERE event_name=$1 AND since_seq<=$2 AND correlation IS NULL"
+                    "SELECT {PAUSE_COLS} FROM pauses WHERE event_name=$1 AND correlation IS NULL
+                     AND (CASE WHEN kind = 'cancel' THEN since_seq < $2 ELSE since_seq <= $3 END)"
                 ),
-                &[&event.name, &xid],
+                &[&event.name, &event.seq, &xid],
             )
             .await?
             .iter()
@@ -1184,8 +1191,7 @@ impl Store for PostgresStore {
                 pauses.extend(by_corr.iter().map(row_pause));
             }
             for p in pauses {
-                // A run's own trigger does not cancel it (it shares the trigger's xid).
-                if p.event_name != event.name || p.expires_at < now || created.contains(&p.run_id) {
+                if p.event_name != event.name || p.expires_at < now {
                     continue;
                 }
                 if matcher.matches(&p, &event.event) {
