@@ -123,6 +123,7 @@ both_backends!(
     prune_deletes_only_old_finished_history,
     writes_from_a_superseded_dispatch_are_refused,
     cancel_rules_see_only_events_after_the_trigger,
+    flow_control_admission,
 );
 
 /// Insert one event and create a run from it; returns the run id.
@@ -438,6 +439,122 @@ async fn writes_from_a_superseded_dispatch_are_refused(db: &Db) {
         store.steps(&run).await.unwrap(),
         vec![("x".to_string(), json!({"data": 2}))]
     );
+}
+
+/// Each way flow control admits, holds, merges or drops a would-be run.
+async fn flow_control_admission(db: &Db) {
+    let store = db.open().await;
+    let now = 1_000;
+    // One event per call; returns (event internal id, created run ids).
+    let admit = |run_id: &'static str, flow: RunFlow| {
+        let store = store.clone();
+        async move {
+            store.insert_events(vec![ev("t/flow")]).await.unwrap();
+            let stored = store.unprocessed_events(1).await.unwrap().remove(0);
+            let id = stored.internal_id.clone();
+            let mut run = new_run(&stored, run_id, flow);
+            run.items[0].available_at = now;
+            let created = store
+                .apply_event(stored, vec![run], vec![], matcher(), now)
+                .await
+                .unwrap();
+            (id, created)
+        }
+    };
+    let gcra = |key: &str, period_ms: i64| Gcra {
+        key: key.into(),
+        limit: 1,
+        period_ms,
+        burst: 0,
+    };
+
+    let rate = || RunFlow {
+        rate_limit: Some((gcra("rl", 60_000), SkipReason::RateLimit)),
+        ..Default::default()
+    };
+    assert_eq!(admit("RL1", rate()).await.1, ["RL1"]);
+    let (dropped, created) = admit("RL2", rate()).await;
+    assert!(created.is_empty(), "rate limit exceeded yet created");
+    let skips = store.skips_for_event(&dropped).await.unwrap();
+    assert_eq!(skips.len(), 1);
+    assert_eq!(skips[0].reason, SkipReason::RateLimit);
+
+    let single = || RunFlow {
+        singleton: Some(("one".into(), false)),
+        ..Default::default()
+    };
+    assert_eq!(admit("S1", single()).await.1, ["S1"]);
+    let (dropped, created) = admit("S2", single()).await;
+    assert!(created.is_empty());
+    assert_eq!(
+        store.skips_for_event(&dropped).await.unwrap()[0].reason,
+        SkipReason::Singleton
+    );
+
+    let debounce = |ts| RunFlow {
+        debounce: Some(Debounce {
+            key: "d".into(),
+            period_ms: 1_000,
+            timeout_ms: None,
+            ts,
+        }),
+        ..Default::default()
+    };
+    assert_eq!(admit("D1", debounce(1)).await.1, ["D1"]);
+    let (latest, created) = admit("D2", debounce(2)).await;
+    assert!(
+        created.is_empty(),
+        "a debounced event started a run of its own"
+    );
+    let q = store.run_queue("D1", now).await.unwrap();
+    assert_eq!(q[0].waiting_on, Some(Hold::Debounce), "{q:?}");
+    let runs = store.runs_for_event(&latest).await.unwrap();
+    assert_eq!(runs.len(), 1, "the latest event becomes the trigger");
+    assert_eq!(runs[0].run_id, "D1");
+
+    let batch = || RunFlow {
+        batch: Some(Batch {
+            key: "b".into(),
+            max_size: 2,
+            timeout_ms: 60_000,
+        }),
+        ..Default::default()
+    };
+    assert_eq!(admit("B1", batch()).await.1, ["B1"]);
+    assert_eq!(
+        store.run_queue("B1", now).await.unwrap()[0].waiting_on,
+        Some(Hold::Batch)
+    );
+    let (joined, created) = admit("B2", batch()).await;
+    assert!(created.is_empty());
+    assert_eq!(store.runs_for_event(&joined).await.unwrap()[0].run_id, "B1");
+    assert_eq!(store.get_run("B1").await.unwrap().unwrap().events.len(), 2);
+    assert_eq!(
+        store.run_queue("B1", now).await.unwrap()[0].waiting_on,
+        None,
+        "a full batch starts at once"
+    );
+
+    let throttle = || RunFlow {
+        throttle: Some(gcra("th", 10_000)),
+        ..Default::default()
+    };
+    assert_eq!(admit("T1", throttle()).await.1, ["T1"]);
+    assert_eq!(admit("T2", throttle()).await.1, ["T2"]);
+    let q = store.run_queue("T2", now).await.unwrap();
+    assert_eq!(q[0].waiting_on, Some(Hold::Throttle), "{q:?}");
+    assert!(q[0].available_at >= now + 10_000);
+
+    // Due now: RL1, S1 and the full batch B1 and T1; D1 and T2 wait.
+    let mut claimed: Vec<String> = store
+        .claim("A", now, now + 30_000, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.run_id)
+        .collect();
+    claimed.sort();
+    assert_eq!(claimed, ["B1", "RL1", "S1", "T1"]);
 }
 
 // PostgreSQL only: what several processes sharing one database rely on. Each "node" is a
