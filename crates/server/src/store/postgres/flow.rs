@@ -626,6 +626,52 @@ pub(super) async fn claim<C: GenericClient>(
     Ok(out)
 }
 
+/// Lease due items that carry no concurrency keys and no hold, in one statement outside any
+/// transaction block; also reports whether due items that do carry them are waiting for
+/// [`claim`]. Most work has no flow control, and an idle worker's claim finds nothing: both
+/// cost one round trip this way instead of a transaction of three or more.
+pub(super) async fn claim_plain<C: GenericClient>(
+    c: &C,
+    owner: &str,
+    now: i64,
+    lease_until: i64,
+    limit: usize,
+) -> R<(Vec<QueueItem>, bool)> {
+    let rows = query(
+        c,
+        "WITH c AS (
+           UPDATE queue SET lease_owner=$1, due_at=$2 WHERE id IN (
+             SELECT id FROM queue WHERE blocked_on IS NULL AND due_at<=$3
+               AND ck1 IS NULL AND ck2 IS NULL AND rk IS NULL AND hold IS NULL
+             ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED)
+           RETURNING id, run_id, kind, attempt, available_at)
+         SELECT id, run_id, kind, attempt, available_at, false FROM c
+         UNION ALL
+         SELECT NULL, NULL, NULL, NULL, NULL, true WHERE EXISTS (
+           SELECT 1 FROM queue WHERE blocked_on IS NULL AND due_at<=$3
+             AND (ck1 IS NOT NULL OR ck2 IS NOT NULL OR rk IS NOT NULL OR hold IS NOT NULL))",
+        &[&owner, &lease_until, &now, &(limit as i64)],
+    )
+    .await?;
+    let mut items = Vec::with_capacity(rows.len());
+    let mut flow_due = false;
+    for r in &rows {
+        if r.get::<_, bool>(5) {
+            flow_due = true;
+            continue;
+        }
+        items.push(QueueItem {
+            id: r.get(0),
+            run_id: r.get(1),
+            kind: item_kind(r.get(2)),
+            attempt: r.get(3),
+            available_at: r.get(4),
+        });
+    }
+    items.sort_by_key(|i| i.available_at);
+    Ok((items, flow_due))
+}
+
 /// Un-park as many items per key as the key has free slots.
 async fn repair_parked<C: GenericClient>(c: &C, now: i64) -> R<()> {
     let parked: Vec<(String, i64)> = query(

@@ -1456,15 +1456,30 @@ impl Store for PostgresStore {
                 .last_repair
                 .compare_exchange(last, now, Relaxed, Relaxed)
                 .is_ok();
-        in_tx!(self, |tx| flow::claim(
+        let mut items = Vec::new();
+        if !repair {
+            let (plain, flow_due) = {
+                let c = self.client().await?;
+                flow::claim_plain(&c, owner, now, lease_until, limit).await?
+            };
+            if !flow_due || plain.len() >= limit {
+                return Ok(plain);
+            }
+            items = plain;
+        }
+        // Items under flow control (or a repair is due): the locked path, for what is left.
+        let rest = limit - items.len();
+        let more: Vec<QueueItem> = in_tx!(self, |tx| flow::claim(
             &tx,
             owner,
             now,
             lease_until,
-            limit,
+            rest,
             repair
         )
-        .await)
+        .await)?;
+        items.extend(more);
+        Ok(items)
     }
 
     async fn renew(&self, owner: &str, ids: Vec<String>, lease_until: i64) -> StoreResult<()> {
