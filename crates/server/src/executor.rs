@@ -569,9 +569,10 @@ async fn call(
         run_id: item.run_id.clone(),
         ..Default::default()
     };
-    let Some(run) = engine.store.get_run(&item.run_id).await? else {
+    let Some(state) = engine.store.call_state(&item.run_id).await? else {
         return Ok(apply);
     };
+    let run = state.run;
     if run.status != RunStatus::Running {
         return Ok(apply);
     }
@@ -611,8 +612,7 @@ async fn call(
         }
     }
     let max_attempts = function.max_attempts() as i64;
-    let memos = engine.store.steps(&run.run_id).await?;
-    let since_seq = engine.store.event_high_water().await?;
+    let (memos, since_seq) = (state.steps, state.high_water);
     let step_id = step
         .clone()
         .unwrap_or_else(|| cairn_protocol::STEP_DISCOVERY.to_string());

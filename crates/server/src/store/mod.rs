@@ -160,6 +160,18 @@ pub struct Run {
     pub ended_at: Option<i64>,
 }
 
+/// What an SDK call reads before it is made.
+#[derive(Debug, Clone)]
+pub struct CallState {
+    /// The run.
+    pub run: Run,
+    /// Its memoised steps in persistence order.
+    pub steps: Vec<(String, Value)>,
+    /// Highest event sequence number committed when this was read: waits created by the
+    /// call are matched against events after it.
+    pub high_water: i64,
+}
+
 /// What a queue item asks the engine to do. Serialised into the item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -563,6 +575,20 @@ pub trait Store: Send + Sync + 'static {
     async fn get_run(&self, run_id: &str) -> StoreResult<Option<Run>>;
     /// Memoised steps of a run in persistence order.
     async fn steps(&self, run_id: &str) -> StoreResult<Vec<(String, Value)>>;
+    /// Everything an SDK call needs, read together: the run, its memos and the event high
+    /// water mark. Backends override this to answer in one round trip.
+    async fn call_state(&self, run_id: &str) -> StoreResult<Option<CallState>> {
+        let Some(run) = self.get_run(run_id).await? else {
+            return Ok(None);
+        };
+        let steps = self.steps(run_id).await?;
+        let high_water = self.event_high_water().await?;
+        Ok(Some(CallState {
+            run,
+            steps,
+            high_water,
+        }))
+    }
     /// Apply the results of handling a queue item. See [`Apply`].
     async fn apply(
         &self,

@@ -233,12 +233,10 @@ impl SqliteStore {
             Some(c) => c,
             None => open_conn(&self.path)?,
         };
-        let (conn, res) = tokio::task::spawn_blocking(move || {
-            let r = f(&conn);
-            (conn, r)
-        })
-        .await
-        .map_err(be)?;
+        // Reads are short indexed lookups that WAL never makes wait for the writer, so they
+        // run right here: handing each to a blocking thread cost more in thread wake-ups
+        // than the read itself.
+        let res = f(&conn);
         self.readers.lock().push(conn);
         res.map_err(be)
     }
@@ -416,6 +414,12 @@ fn save_memo(conn: &Connection, run_id: &str, hash: &str, memo: &Value) -> rusql
     conn.prepare_cached("INSERT OR IGNORE INTO steps(run_id, hash, memo) VALUES (?,?,?)")?
         .execute(params![run_id, hash, j(memo)])?;
     Ok(())
+}
+
+fn load_steps(conn: &Connection, run_id: &str) -> rusqlite::Result<Vec<(String, Value)>> {
+    conn.prepare_cached("SELECT hash, memo FROM steps WHERE run_id=? ORDER BY seq")?
+        .query_map([run_id], |r| Ok((r.get(0)?, pj(&r.get::<_, String>(1)?))))?
+        .collect()
 }
 
 fn load_run(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<Run>> {
@@ -747,6 +751,14 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let f = || -> rusqlite::Result<Vec<String>> {
                 let mut created = Vec::new();
+                // An event is applied once: a second delivery must not re-match pauses.
+                let processed: Option<i64> = conn
+                    .prepare_cached("SELECT processed FROM events WHERE seq=?")?
+                    .query_row([event.seq], |r| r.get(0))
+                    .optional()?;
+                if processed == Some(1) {
+                    return Ok(created);
+                }
                 for r in &runs {
                     // A redelivered event must not use up a rate limit or join a batch twice.
                     let seen = conn
@@ -977,10 +989,25 @@ impl Store for SqliteStore {
 
     async fn steps(&self, run_id: &str) -> StoreResult<Vec<(String, Value)>> {
         let id = run_id.to_string();
+        self.read(move |c| load_steps(c, &id)).await
+    }
+
+    async fn call_state(&self, run_id: &str) -> StoreResult<Option<CallState>> {
+        let id = run_id.to_string();
         self.read(move |c| {
-            c.prepare_cached("SELECT hash, memo FROM steps WHERE run_id=? ORDER BY seq")?
-                .query_map([id], |r| Ok((r.get(0)?, pj(&r.get::<_, String>(1)?))))?
-                .collect()
+            // One read transaction, so the three agree with each other.
+            let tx = c.unchecked_transaction()?;
+            let Some(run) = load_run(&tx, &id)? else {
+                return Ok(None);
+            };
+            let steps = load_steps(&tx, &id)?;
+            let high_water =
+                tx.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?;
+            Ok(Some(CallState {
+                run,
+                steps,
+                high_water,
+            }))
         })
         .await
     }
