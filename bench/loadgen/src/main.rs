@@ -1201,7 +1201,7 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
         systems::EVENT,
         a.flow_event,
         if a.hot_every > 0 {
-            format!("every {}th run to one hot tenant, the others round-robin over {} tenants", a.hot_every, tenants.saturating_sub(1))
+            format!("one run in {} to one hot tenant, the others round-robin over {} tenants", a.hot_every, tenants.saturating_sub(1))
         } else {
             format!("runs spread round-robin over {tenants} tenants")
         },
