@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Largest single event accepted.
 pub const MAX_EVENT_BYTES: usize = 512 * 1024;
@@ -515,11 +516,43 @@ async fn run_batch(State(engine): S, Path(id): Path<String>) -> Response {
     }
 }
 
-async fn get_run(State(engine): S, Path(id): Path<String>) -> Response {
-    match engine.store.get_run(&id).await {
-        Ok(Some(r)) => wrap(run_json(&r)),
-        Ok(None) => err(StatusCode::NOT_FOUND, "run not found"),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+#[derive(Deserialize)]
+struct RunQuery {
+    /// Hold the answer until the run has ended or this many milliseconds passed.
+    wait_ms: Option<u64>,
+}
+
+/// Longest `wait_ms` honoured: long enough to replace polling, short enough for proxies.
+const MAX_RUN_WAIT: Duration = Duration::from_secs(60);
+
+/// A run; with `?wait_ms=N`, answered when the run ends (or after N ms, still running),
+/// so clients need not poll.
+async fn get_run(State(engine): S, Path(id): Path<String>, Query(q): Query<RunQuery>) -> Response {
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_RUN_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let waiter = (!wait.is_zero()).then(|| engine.run_waiters.register(&id));
+    loop {
+        let woken = waiter.as_ref().map(|w| w.notified());
+        tokio::pin!(woken);
+        if let Some(w) = woken.as_mut().as_pin_mut() {
+            w.enable();
+        }
+        let run = match engine.store.get_run(&id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return err(StatusCode::NOT_FOUND, "run not found"),
+            Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        let now = tokio::time::Instant::now();
+        if run.status != RunStatus::Running || waiter.is_none() || now >= deadline {
+            return wrap(run_json(&run));
+        }
+        // Ends committed outside the executor (cancellations) wake nobody: re-check now
+        // and then.
+        let recheck = (deadline - now).min(Duration::from_millis(500));
+        tokio::select! {
+            _ = async { if let Some(w) = woken.as_mut().as_pin_mut() { w.await } } => {}
+            _ = tokio::time::sleep(recheck) => {}
+        }
     }
 }
 

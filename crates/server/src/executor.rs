@@ -184,6 +184,7 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option
     let emits_events =
         !apply.events.is_empty() || !apply.pauses.is_empty() || apply.finish.is_some();
     let finish = apply.finish.as_ref().map(|f| f.status);
+    let run_id = apply.run_id.clone();
     let now = engine.now();
     let applied = if go_on {
         let lease_until = now + engine.config.lease.as_millis() as i64;
@@ -206,6 +207,9 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option
     };
     match applied {
         Ok(next) => {
+            if finish.is_some() {
+                engine.run_waiters.ended(&run_id);
+            }
             if let Some(s) = finish {
                 match s {
                     RunStatus::Completed => {

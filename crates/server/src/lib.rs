@@ -25,6 +25,7 @@ pub mod queue;
 pub mod registry;
 pub mod store;
 pub mod timers;
+pub mod waiters;
 
 use clock::{SharedClock, SystemClock};
 use registry::Registry;
@@ -121,6 +122,8 @@ pub struct Engine {
     pub shutdown: watch::Receiver<bool>,
     /// Pause matcher.
     pub matcher: Arc<matcher::CelPauseMatcher>,
+    /// Requests waiting for runs to end.
+    pub run_waiters: waiters::RunWaiters,
 }
 
 impl Engine {
@@ -175,6 +178,7 @@ impl Server {
             owner: ulid::Ulid::new().to_string(),
             shutdown,
             matcher: Arc::new(matcher::CelPauseMatcher),
+            run_waiters: waiters::RunWaiters::default(),
         });
         engine.registry.reload(engine.store.as_ref()).await?;
         metrics_export::install();

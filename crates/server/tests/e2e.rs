@@ -527,3 +527,33 @@ async fn discovery_request_and_run_complete_ops() {
     );
     assert_eq!(app.executed("b"), 1);
 }
+
+#[tokio::test]
+async fn get_run_with_wait_ms_answers_when_the_run_ends() {
+    let ts = TestServer::start().await;
+    let f = FakeFn::new(
+        "napper",
+        "test/nap",
+        vec![Step::Sleep("nap", "1s"), Step::Run("after", json!(1))],
+    );
+    let app = FakeApp::start("waitapp", vec![f]).await;
+    ts.register(&app).await;
+    let ids = ts.send(json!({"name": "test/nap", "data": {}})).await;
+    let run_id = ts.runs_of(&ids[0], 1).await[0]["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A short wait times out on the sleeping run and says it is still running.
+    let t = std::time::Instant::now();
+    let r = ts.get(&format!("/v1/runs/{run_id}?wait_ms=200")).await;
+    assert_eq!(r["data"]["status"], "Running");
+    assert!(t.elapsed() >= std::time::Duration::from_millis(190));
+    // A long wait answers as soon as the run ends, well before the wait is up.
+    let r = ts.get(&format!("/v1/runs/{run_id}?wait_ms=20000")).await;
+    assert_eq!(r["data"]["status"], "Completed", "{r}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    assert!(
+        ts.server.engine().run_waiters.is_empty(),
+        "no waiter left behind"
+    );
+}

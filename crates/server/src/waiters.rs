@@ -1,0 +1,99 @@
+//! Requests waiting for a run to end (`GET /v1/runs/{id}?wait_ms=…`), woken when the
+//! executor commits the run's end instead of polling the store.
+//!
+//! Only runs somebody waits on have an entry, and the entry goes when its last waiter does,
+//! so the table is bounded by the number of open requests.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// The table of waiters, by run id.
+#[derive(Default)]
+pub struct RunWaiters {
+    inner: Mutex<HashMap<String, (Arc<Notify>, usize)>>,
+}
+
+/// One registered waiter; dropping it unregisters.
+pub struct Waiter<'a> {
+    table: &'a RunWaiters,
+    run_id: String,
+    notify: Arc<Notify>,
+}
+
+impl RunWaiters {
+    /// Register interest in `run_id` before checking its state, so an end committed in
+    /// between is not missed.
+    pub fn register(&self, run_id: &str) -> Waiter<'_> {
+        let mut m = self.inner.lock();
+        let e = m
+            .entry(run_id.to_string())
+            .or_insert_with(|| (Arc::new(Notify::new()), 0));
+        e.1 += 1;
+        Waiter {
+            table: self,
+            run_id: run_id.to_string(),
+            notify: e.0.clone(),
+        }
+    }
+
+    /// The run ended: wake everyone waiting on it.
+    pub fn ended(&self, run_id: &str) {
+        if let Some((n, _)) = self.inner.lock().get(run_id) {
+            n.notify_waiters();
+        }
+    }
+
+    /// Runs with waiters (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.inner.lock().len()
+    }
+
+    /// True when nobody waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Waiter<'_> {
+    /// A future that resolves at the next [`RunWaiters::ended`] for this run. Create it
+    /// (and `enable` it) before re-reading the run.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut m = self.table.inner.lock();
+        if let Some(e) = m.get_mut(&self.run_id) {
+            e.1 -= 1;
+            if e.1 == 0 {
+                m.remove(&self.run_id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wakes_and_cleans_up() {
+        let t = RunWaiters::default();
+        let w = t.register("r");
+        let fut = w.notified();
+        tokio::pin!(fut);
+        fut.as_mut().enable();
+        t.ended("other");
+        t.ended("r");
+        tokio::time::timeout(std::time::Duration::from_secs(1), fut)
+            .await
+            .expect("woken");
+        assert_eq!(t.len(), 1);
+        drop(w);
+        assert!(t.is_empty(), "the entry goes with its last waiter");
+    }
+}
