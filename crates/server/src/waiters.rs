@@ -84,14 +84,16 @@ mod tests {
     async fn wakes_and_cleans_up() {
         let t = RunWaiters::default();
         let w = t.register("r");
-        let fut = w.notified();
-        tokio::pin!(fut);
-        fut.as_mut().enable();
-        t.ended("other");
-        t.ended("r");
-        tokio::time::timeout(std::time::Duration::from_secs(1), fut)
-            .await
-            .expect("woken");
+        {
+            let fut = w.notified();
+            tokio::pin!(fut);
+            fut.as_mut().enable();
+            t.ended("other");
+            t.ended("r");
+            tokio::time::timeout(std::time::Duration::from_secs(1), fut)
+                .await
+                .expect("woken");
+        }
         assert_eq!(t.len(), 1);
         drop(w);
         assert!(t.is_empty(), "the entry goes with its last waiter");
