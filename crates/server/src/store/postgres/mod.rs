@@ -1366,6 +1366,36 @@ impl Store for PostgresStore {
         Ok(load_run(&c, run_id).await?)
     }
 
+    /// One statement: the run, its memos and the wait starting point (see
+    /// `event_high_water`), read together before an SDK call.
+    async fn call_state(&self, run_id: &str) -> StoreResult<Option<CallState>> {
+        let c = self.client().await?;
+        let row = query_opt(
+            &c,
+            &format!(
+                "SELECT {RUN_COLS},
+                   (SELECT array_agg(hash ORDER BY seq) FROM steps WHERE run_id = $1),
+                   (SELECT array_agg(memo ORDER BY seq) FROM steps WHERE run_id = $1),
+                   pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+                 FROM runs WHERE run_id = $1"
+            ),
+            &[&run_id],
+        )
+        .await?;
+        Ok(row.map(|r| {
+            let hashes: Vec<String> = r.get::<_, Option<Vec<String>>>(10).unwrap_or_default();
+            let memos: Vec<String> = r.get::<_, Option<Vec<String>>>(11).unwrap_or_default();
+            CallState {
+                run: row_run(&r),
+                steps: hashes
+                    .into_iter()
+                    .zip(memos.iter().map(|m| pj(m)))
+                    .collect(),
+                high_water: r.get(12),
+            }
+        }))
+    }
+
     async fn steps(&self, run_id: &str) -> StoreResult<Vec<(String, Value)>> {
         let c = self.client().await?;
         let rows = query(
