@@ -218,10 +218,10 @@ pub fn tenant_id(i: usize) -> String {
     format!("tenant-{i:04}")
 }
 
-/// Sends one event, then polls the run until it is `Completed`. Polls are paced by the
-/// recent (server-measured) latency: first after 70 % of it, then every tenth of it
-/// (0.3–20 ms), so that polling stays a small share of the server's work; the reported
-/// latency comes from the server's own `ended_at`, so the polling interval does not blur it.
+/// Sends one event, polls for its run (paced by the recent server-measured latency: first
+/// after 70 % of it, then every tenth of it, 0.3–20 ms), then waits for the run's end with
+/// `GET /v1/runs/{id}?wait_ms=…`, which the server answers when the run ends. The reported
+/// latency comes from the server's own `ended_at`, so the polling does not blur it.
 async fn cairn_run(
     http: &reqwest::Client,
     base: &str,
@@ -253,7 +253,11 @@ async fn cairn_run(
     let mut polls = 0u32;
     let give_up = (accepted + RUN_TIMEOUT).min(deadline + Duration::from_secs(30));
     loop {
-        tokio::time::sleep(wait).await;
+        // Once the run id is known the server holds the request until the run ends
+        // (`wait_ms`), so there is nothing to pace.
+        if run_id.is_none() {
+            tokio::time::sleep(wait).await;
+        }
         wait = step;
         polls += 1;
         let run = match &run_id {
@@ -274,7 +278,7 @@ async fn cairn_run(
             }
             Some(id) => {
                 let v: Value = http
-                    .get(format!("{base}/v1/runs/{id}"))
+                    .get(format!("{base}/v1/runs/{id}?wait_ms=10000"))
                     .send()
                     .await?
                     .json()
