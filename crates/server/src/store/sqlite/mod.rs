@@ -242,6 +242,13 @@ impl SqliteStore {
     }
 }
 
+/// Run a statement through the statement cache: the writer issues the same few
+/// transaction-control statements for every job, and parsing them each time showed up in
+/// profiles.
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute([])
+}
+
 fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>, stats: &WriterStats) {
     use std::sync::atomic::Ordering::Relaxed;
     while let Ok(first) = rx.recv() {
@@ -253,7 +260,7 @@ fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>, stats: &Wri
             }
         }
         let mut finishers = Vec::with_capacity(batch.len());
-        let begin = conn.execute_batch("BEGIN IMMEDIATE");
+        let begin = exec_cached(&conn, "BEGIN IMMEDIATE");
         if let Err(e) = begin {
             let msg = e.to_string();
             // Run nothing; every caller sees the failure.
@@ -264,24 +271,26 @@ fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>, stats: &Wri
             continue;
         }
         for job in batch {
-            let _ = conn.execute_batch("SAVEPOINT job");
+            let _ = exec_cached(&conn, "SAVEPOINT job");
             // A panicking job must not take the only writer down with it.
             let Ok((ok, fin)) =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&conn)))
             else {
-                let _ = conn.execute_batch("ROLLBACK TO job");
-                let _ = conn.execute_batch("RELEASE job");
+                let _ = exec_cached(&conn, "ROLLBACK TO job");
+                let _ = exec_cached(&conn, "RELEASE job");
                 continue;
             };
             if !ok {
-                let _ = conn.execute_batch("ROLLBACK TO job");
+                let _ = exec_cached(&conn, "ROLLBACK TO job");
             }
-            let _ = conn.execute_batch("RELEASE job");
+            let _ = exec_cached(&conn, "RELEASE job");
             finishers.push(fin);
         }
-        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        let commit = exec_cached(&conn, "COMMIT")
+            .map(|_| ())
+            .map_err(|e| e.to_string());
         if commit.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
+            let _ = exec_cached(&conn, "ROLLBACK");
         }
         metrics::histogram!("cairn_store_commit_batch_size").record(finishers.len() as f64);
         stats.commits.fetch_add(1, Relaxed);
@@ -736,8 +745,11 @@ impl Store for SqliteStore {
     }
 
     async fn event_high_water(&self) -> StoreResult<i64> {
-        self.read(|c| c.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0)))
-            .await
+        self.read(|c| {
+            c.prepare_cached("SELECT coalesce(max(seq), 0) FROM events")?
+                .query_row([], |r| r.get(0))
+        })
+        .await
     }
 
     async fn apply_event(
@@ -1001,8 +1013,9 @@ impl Store for SqliteStore {
                 return Ok(None);
             };
             let steps = load_steps(&tx, &id)?;
-            let high_water =
-                tx.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?;
+            let high_water = tx
+                .prepare_cached("SELECT coalesce(max(seq), 0) FROM events")?
+                .query_row([], |r| r.get(0))?;
             Ok(Some(CallState {
                 run,
                 steps,
