@@ -444,8 +444,8 @@ pub(super) fn claim(
     Ok(out)
 }
 
-/// Lease the run's next due item to `owner`, unless flow control must look at it first
-/// (concurrency keys, an open debounce or batch).
+/// Lease the run's next due item to `owner` if its concurrency keys have room, unless it is
+/// a first call (run keys, an open debounce or batch), which only the claim path handles.
 pub(super) fn lease_next(
     conn: &Connection,
     run_id: &str,
@@ -453,23 +453,36 @@ pub(super) fn lease_next(
     now: i64,
     lease_until: i64,
 ) -> rusqlite::Result<Option<QueueItem>> {
-    let next: Option<(String, String, i64, i64)> = conn
+    type Next = (String, String, i64, i64, Vec<(String, i64)>);
+    let next: Option<Next> = conn
         .prepare_cached(
-            "SELECT id, kind, attempt, available_at FROM queue
+            "SELECT id, kind, attempt, available_at, ck1, cl1, ck2, cl2 FROM queue
              WHERE run_id=? AND lease_owner IS NULL AND due_at<=? AND blocked_on IS NULL
-               AND ck1 IS NULL AND ck2 IS NULL AND rk IS NULL AND hold IS NULL
+               AND rk IS NULL AND hold IS NULL
              ORDER BY due_at LIMIT 1",
         )?
         .query_row(params![run_id, now], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            let mut keys = Vec::new();
+            for (k, l) in [(4, 5), (6, 7)] {
+                if let Some(key) = r.get::<_, Option<String>>(k)? {
+                    keys.push((key, r.get::<_, Option<i64>>(l)?.unwrap_or(i64::MAX)));
+                }
+            }
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, keys))
         })
         .optional()?;
-    let Some((id, kind, attempt, available_at)) = next else {
+    let Some((id, kind, attempt, available_at, keys)) = next else {
         return Ok(None);
     };
     let Ok(kind) = serde_json::from_str(&kind) else {
         return Ok(None);
     };
+    // The call that just finished no longer counts, so a run under its limit goes on.
+    for (key, limit) in &keys {
+        if in_progress(conn, key, now)? >= *limit {
+            return Ok(None);
+        }
+    }
     conn.prepare_cached("UPDATE queue SET lease_owner=?, due_at=? WHERE id=?")?
         .execute(params![owner, lease_until, id])?;
     Ok(Some(QueueItem {
