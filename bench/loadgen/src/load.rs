@@ -196,6 +196,7 @@ async fn one_run(
             event,
             tenants,
             hot_every,
+            long_poll,
         } => {
             let mut data = json!({ "size": size });
             let hot = *tenants > 0 && *hot_every > 0 && index % hot_every == 0;
@@ -207,7 +208,7 @@ async fn one_run(
                 };
                 data["tenant"] = json!(tenant_id(t));
             }
-            let s = cairn_run(http, base, event, data, pacer, deadline).await?;
+            let s = cairn_run(http, base, event, data, *long_poll, pacer, deadline).await?;
             Ok(Sample { hot, ..s })
         }
     }
@@ -219,14 +220,17 @@ pub fn tenant_id(i: usize) -> String {
 }
 
 /// Sends one event, polls for its run (paced by the recent server-measured latency: first
-/// after 70 % of it, then every tenth of it, 0.3–20 ms), then waits for the run's end with
-/// `GET /v1/runs/{id}?wait_ms=…`, which the server answers when the run ends. The reported
-/// latency comes from the server's own `ended_at`, so the polling does not blur it.
+/// after 70 % of it, then every tenth of it, 0.3–20 ms), then, with `long_poll`, waits for
+/// the run's end with `GET /v1/runs/{id}?wait_ms=…`, which the server answers when the run
+/// ends; without it (or when the server answers early: a server without `wait_ms`), polls
+/// `GET /v1/runs/{id}` at the same pace. The reported latency comes from the server's own
+/// `ended_at`, so the polling does not blur it.
 async fn cairn_run(
     http: &reqwest::Client,
     base: &str,
     event: &str,
     data: Value,
+    long_poll: bool,
     pacer: &Pacer,
     deadline: Instant,
 ) -> Result<Sample> {
@@ -252,14 +256,14 @@ async fn cairn_run(
     let mut run_id: Option<String> = None;
     let mut polls = 0u32;
     let give_up = (accepted + RUN_TIMEOUT).min(deadline + Duration::from_secs(30));
+    let mut pace = true;
     loop {
-        // Once the run id is known the server holds the request until the run ends
-        // (`wait_ms`), so there is nothing to pace.
-        if run_id.is_none() {
+        if pace {
             tokio::time::sleep(wait).await;
+            wait = step;
         }
-        wait = step;
         polls += 1;
+        let long_polled = long_poll && run_id.is_some();
         let run = match &run_id {
             None => {
                 let v: Value = http
@@ -277,8 +281,9 @@ async fn cairn_run(
                 }
             }
             Some(id) => {
+                let query = if long_poll { "?wait_ms=10000" } else { "" };
                 let v: Value = http
-                    .get(format!("{base}/v1/runs/{id}?wait_ms=10000"))
+                    .get(format!("{base}/v1/runs/{id}{query}"))
                     .send()
                     .await?
                     .json()
@@ -305,6 +310,10 @@ async fn cairn_run(
             Some(s @ ("Failed" | "Cancelled")) => bail!("run {s}: {}", run["output"]),
             _ => {}
         }
+        // The first long poll goes out at once; one that came back with the run still going
+        // (a server without `wait_ms`, or the wait ran out) is followed by paced polls, so an
+        // older server is not polled in a tight loop.
+        pace = !long_poll || long_polled || run_id.is_none();
         if Instant::now() > give_up {
             bail!(
                 "run for event {event_id} not completed after {:?}",

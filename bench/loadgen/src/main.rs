@@ -1036,6 +1036,10 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
         if baseline.is_some() { format!(", with baseline {}", a.baseline_label) } else { String::new() },
         if smoke { " (smoke)" } else { "" }
     );
+    // Against a baseline every phase awaits its runs the same way, by paced polls: a server
+    // from before `GET /v1/runs/{id}?wait_ms=…` cannot long-poll, and a client that polled
+    // one server and long-polled the other would load them differently.
+    let long_poll = baseline.is_none();
     let mut phases: Vec<FlowPhase> = Vec::new();
     let mut samples: std::collections::BTreeMap<&'static str, Vec<load::Sample>> =
         Default::default();
@@ -1067,6 +1071,7 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
                 if keyed {
                     stack.target(&a.flow_event, tenants, a.hot_every);
                 }
+                stack.long_poll(long_poll);
                 let r = measure_samples(&mut stack, &name, size, c, n, budget).await;
                 let stats = app_flow_stats(&stack).await;
                 stack.stop();
@@ -1197,7 +1202,7 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
 
     let mut md = String::from("## Flow control's cost\n\n");
     md.push_str(&format!(
-        "The founding function (C={c}, {size} B, {n} measured runs per phase after a warm-up), unconstrained (`founding`, event `{}`) and keyed (`founding-keyed`, event `{}`, `concurrency: [{{\"limit\": {KEYED_LIMIT}, \"key\": \"event.data.tenant\"}}]`, {}){}; {rounds} round(s), each phase on freshly started processes, back to back, even rounds in reverse order.\n\n",
+        "The founding function (C={c}, {size} B, {n} measured runs per phase after a warm-up), unconstrained (`founding`, event `{}`) and keyed (`founding-keyed`, event `{}`, `concurrency: [{{\"limit\": {KEYED_LIMIT}, \"key\": \"event.data.tenant\"}}]`, {}){}; {rounds} round(s), each phase on freshly started processes, back to back, even rounds in reverse order; runs awaited by {}.\n\n",
         systems::EVENT,
         a.flow_event,
         if a.hot_every > 0 {
@@ -1209,6 +1214,11 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
             format!(", plus the unconstrained function on the baseline server ({})", a.baseline_label)
         } else {
             String::new()
+        },
+        if long_poll {
+            "`GET /v1/runs/{id}?wait_ms=10000`"
+        } else {
+            "paced polls of `GET /v1/runs/{id}` (as the baseline needs)"
         }
     ));
     let rows: Vec<ScenarioResult> = phases
@@ -1324,6 +1334,7 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
             "machine": machine_description().trim(), "smoke": smoke, "runs": n, "concurrency": c,
             "size_bytes": size, "tenants": tenants, "limit_per_tenant": KEYED_LIMIT,
             "keyed_event": a.flow_event, "hot_every": a.hot_every, "rounds": rounds, "baseline": a.baseline_label.clone(),
+            "run_end_awaited_by": if long_poll { "GET /v1/runs/{id}?wait_ms=10000" } else { "paced polls of GET /v1/runs/{id}" },
             "phases": phases, "aggregates": aggs,
             "keyed_over_unconstrained": keyed_ratio.as_ref().map(|(r, rs)| json!({ "ratio": r, "by_round": rs, "median_of_rounds": median(rs), "server_cpu_per_run_ratio": cpu_ratio("keyed", "unconstrained") })),
             "this_over_baseline": before_ratio.as_ref().map(|(r, rs)| json!({ "ratio": r, "by_round": rs, "median_of_rounds": median(rs), "server_cpu_per_run_ratio": cpu_ratio("unconstrained", "baseline") })),

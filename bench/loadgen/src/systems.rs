@@ -92,12 +92,15 @@ pub enum Driver {
     /// `POST /e` with `{"name": event, "data": {"size": …}}`; with `tenants > 0`, the data
     /// also carries `"tenant": "tenant-NNNN"`, run i going to tenant i mod `tenants` — or,
     /// with `hot_every = K > 0`, every K-th run to tenant-0000 (the hot tenant) and the
-    /// others round-robin over the rest.
+    /// others round-robin over the rest. With `long_poll`, the run's end is awaited with
+    /// `GET /v1/runs/{id}?wait_ms=…`; without it, by paced polls (what a server from before
+    /// `wait_ms` needs; see `load::cairn_run`).
     Cairn {
         base: String,
         event: String,
         tenants: usize,
         hot_every: usize,
+        long_poll: bool,
     },
     Restate {
         ingress: String,
@@ -143,6 +146,12 @@ impl Stack {
             *event = to_event.to_string();
             *tenants = to_tenants;
             *hot_every = to_hot_every;
+        }
+    }
+    /// Whether a Cairn stack's runs are awaited with `wait_ms` long polls or paced polls.
+    pub fn long_poll(&mut self, on: bool) {
+        if let Driver::Cairn { long_poll, .. } = &mut self.driver {
+            *long_poll = on;
         }
     }
     pub fn stop(mut self) {
@@ -210,6 +219,7 @@ pub async fn start_cairn(paths: &Paths, kind: AppKind, tag: &str, pool: usize) -
             event: EVENT.to_string(),
             tenants: 0,
             hot_every: 0,
+            long_poll: true,
         },
         http,
         data: db,
