@@ -1498,8 +1498,10 @@ impl Store for PostgresStore {
             items = plain;
         }
         // Items under flow control (or a repair is due): the locked path, for what is left.
+        // A second transaction; the leases already committed are independent of it and are
+        // handed out even if it fails, rather than left to expire unworked.
         let rest = limit - items.len();
-        let more: Vec<QueueItem> = in_tx!(self, |tx| flow::claim(
+        let more: StoreResult<Vec<QueueItem>> = in_tx!(self, |tx| flow::claim(
             &tx,
             owner,
             now,
@@ -1507,8 +1509,14 @@ impl Store for PostgresStore {
             rest,
             repair
         )
-        .await)?;
-        items.extend(more);
+        .await);
+        match more {
+            Ok(more) => items.extend(more),
+            Err(e) if !items.is_empty() => {
+                tracing::warn!(error = %e, "claiming flow-controlled queue items");
+            }
+            Err(e) => return Err(e),
+        }
         Ok(items)
     }
 
