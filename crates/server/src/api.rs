@@ -222,15 +222,43 @@ async fn ingest(
     }
     let ids: Vec<String> = events.iter().map(|e| e.internal_id.clone()).collect();
     let n = events.len();
+    // Plan each event's runs now so that storing it and starting them is one commit; the
+    // sequence number is not known yet and is filled in by the store.
+    let planned: Vec<(NewEvent, Vec<crate::store::NewRun>)> = events
+        .into_iter()
+        .map(|e| {
+            let provisional = StoredEvent {
+                seq: 0,
+                internal_id: e.internal_id.clone(),
+                name: String::new(),
+                event: e.event.clone(),
+                received_at: e.received_at,
+                target_fn: None,
+            };
+            let (runs, _) = crate::matcher::plan_runs(&engine, &provisional, now);
+            (e, runs)
+        })
+        .collect();
     // Acknowledge only after commit.
-    if let Err(e) = engine.store.insert_events(events).await {
-        return err(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("storing events: {e}"),
-        );
-    }
+    let applied = match engine
+        .store
+        .insert_and_apply(planned, engine.pause_matcher(), now)
+        .await
+    {
+        Ok((_, applied)) => applied,
+        Err(e) => {
+            return err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("storing events: {e}"),
+            )
+        }
+    };
     metrics::counter!("cairn_events_received_total").increment(n as u64);
-    engine.events_wake.notify_one();
+    if applied {
+        engine.queue_wake.notify_one();
+    } else {
+        engine.events_wake.notify_one();
+    }
     (StatusCode::OK, Json(json!({"ids": ids, "status": 200}))).into_response()
 }
 

@@ -184,9 +184,23 @@ async fn process_event(
     engine: &crate::Engine,
     ev: crate::store::StoredEvent,
 ) -> Result<usize, crate::store::StoreError> {
-    use crate::store::NewEvent;
     let now = engine.now();
-    let mut runs = Vec::new();
+    let (runs, extra) = plan_runs(engine, &ev, now);
+    let created = engine
+        .store
+        .apply_event(ev, runs, extra, engine.pause_matcher(), now)
+        .await?;
+    Ok(created.len())
+}
+
+/// The runs an event starts (one per matching function, flow control planned), and any
+/// events to emit instead (an invoke of a function that does not exist fails its caller).
+pub fn plan_runs(
+    engine: &crate::Engine,
+    ev: &crate::store::StoredEvent,
+    now: i64,
+) -> (Vec<crate::store::NewRun>, Vec<crate::store::NewEvent>) {
+    use crate::store::NewEvent;
     let mut extra = Vec::new();
     let targets: Vec<Arc<FunctionEntry>> = match &ev.target_fn {
         Some(slug) => match engine.registry.get(slug) {
@@ -222,14 +236,11 @@ async fn process_event(
         },
         None => matching_functions(&engine.registry, &ev.event),
     };
-    for f in targets {
-        runs.push(crate::executor::new_run(engine, &f, &ev, now));
-    }
-    let created = engine
-        .store
-        .apply_event(ev, runs, extra, engine.pause_matcher(), now)
-        .await?;
-    Ok(created.len())
+    let runs = targets
+        .iter()
+        .map(|f| crate::executor::new_run(engine, f, ev, now))
+        .collect();
+    (runs, extra)
 }
 
 #[cfg(test)]

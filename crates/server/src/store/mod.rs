@@ -548,6 +548,21 @@ pub trait Store: Send + Sync + 'static {
         matcher: Arc<dyn PauseMatcher>,
         now: i64,
     ) -> StoreResult<Vec<String>>;
+    /// Store accepted events and, in the same commit, apply each with the runs planned for
+    /// it (as [`Store::apply_event`] would), saving the matcher a round trip. Returns the
+    /// sequence numbers and whether the events were applied; when not (a backlog of older
+    /// events must go first, or the backend does not do this), the matcher applies them.
+    async fn insert_and_apply(
+        &self,
+        events: Vec<(NewEvent, Vec<NewRun>)>,
+        _matcher: Arc<dyn PauseMatcher>,
+        _now: i64,
+    ) -> StoreResult<(Vec<i64>, bool)> {
+        let seqs = self
+            .insert_events(events.into_iter().map(|(e, _)| e).collect())
+            .await?;
+        Ok((seqs, false))
+    }
     /// Look up an event by internal id or user id.
     async fn get_event(&self, id: &str) -> StoreResult<Option<StoredEvent>>;
     /// Most recent events, newest first.

@@ -720,6 +720,121 @@ fn apply_inner(
     sql().map_err(be)
 }
 
+/// Create an event's runs (through flow control), resume or cancel the pauses it matches,
+/// and mark it processed: the whole of applying one event, in the caller's transaction.
+fn apply_event_inner(
+    conn: &Connection,
+    event: &StoredEvent,
+    runs: &[NewRun],
+    extra_events: &[NewEvent],
+    matcher: &dyn PauseMatcher,
+    now: i64,
+) -> rusqlite::Result<Vec<String>> {
+    let mut created = Vec::new();
+    // An event is applied once: a second delivery must not re-match pauses.
+    let processed: Option<i64> = conn
+        .prepare_cached("SELECT processed FROM events WHERE seq=?")?
+        .query_row([event.seq], |r| r.get(0))
+        .optional()?;
+    if processed == Some(1) {
+        return Ok(created);
+    }
+    for r in runs {
+        // A redelivered event must not use up a rate limit or join a batch twice.
+        let seen = conn
+            .prepare_cached("SELECT 1 FROM runs WHERE fn_slug=? AND idem_key=?")?
+            .query_row(params![r.fn_slug, r.idem_key], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if seen {
+            continue;
+        }
+        let start_id = format!("{}:start", r.run_id);
+        let mut start = (
+            r.items
+                .iter()
+                .find(|i| i.id == start_id)
+                .map_or(now, |i| i.available_at),
+            None,
+        );
+        if let flow::Admit::Absorbed = flow::admit(conn, r, now, &mut start)? {
+            continue;
+        }
+        let fl = &r.flow;
+        let ck = (!fl.concurrency.is_empty()).then(|| j(&fl.concurrency));
+        let n = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO runs(run_id, fn_slug, idem_key, trigger_event, status, events,
+                   created_at, ck, run_slot, started, singleton_key)
+                 VALUES (?,?,?,?, 'Running', ?, ?, ?, ?, ?, ?)",
+            )?
+            .execute(params![
+                r.run_id, r.fn_slug, r.idem_key, r.trigger_internal_id, j(&r.events),
+                r.created_at, ck, fl.run_slot.as_ref().map(|s| &s.key),
+                fl.run_slot.is_none() as i64, fl.singleton.as_ref().map(|s| &s.0)
+            ])?;
+        if n == 0 {
+            continue;
+        }
+        for item in &r.items {
+            if item.id == start_id {
+                let item = NewItem {
+                    available_at: start.0,
+                    ..item.clone()
+                };
+                flow::insert_keyed(conn, &item, &fl.concurrency, fl.run_slot.as_ref(), start.1)?;
+            } else {
+                insert_item(conn, item)?;
+            }
+        }
+        for p in &r.pauses {
+            insert_pause(conn, p)?;
+        }
+        flow::after_create(conn, r, now)?;
+        created.push(r.run_id.clone());
+    }
+    for e in extra_events {
+        insert_event(conn, e)?;
+    }
+    // Only finish events resume invokes; a user event that happens to carry
+    // a correlation_id must still reach ordinary waits.
+    let correlation = (event.name == "inngest/function.finished")
+        .then(|| {
+            event
+                .event
+                .pointer("/data/correlation_id")
+                .and_then(Value::as_str)
+        })
+        .flatten()
+        .map(str::to_string);
+    let mut pauses: Vec<Pause> = conn
+        .prepare_cached(&format!(
+            "SELECT {PAUSE_COLS} FROM pauses WHERE event_name=? AND since_seq<? AND correlation IS NULL"
+        ))?
+        .query_map(params![event.name, event.seq], row_pause)?
+        .collect::<Result<_, _>>()?;
+    if let Some(c) = &correlation {
+        let by_corr: Vec<Pause> = conn
+            .prepare_cached(&format!(
+                "SELECT {PAUSE_COLS} FROM pauses WHERE correlation=?"
+            ))?
+            .query_map([c], row_pause)?
+            .collect::<Result<_, _>>()?;
+        pauses.extend(by_corr);
+    }
+    for p in pauses {
+        if p.event_name != event.name || p.expires_at < now {
+            continue;
+        }
+        if matcher.matches(&p, &event.event) {
+            resume_pause(conn, &p, &event.event, now)?;
+        }
+    }
+    conn.prepare_cached("UPDATE events SET processed=1 WHERE seq=?")?
+        .execute([event.seq])?;
+    Ok(created)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_events(&self, events: Vec<NewEvent>) -> StoreResult<Vec<i64>> {
@@ -761,98 +876,58 @@ impl Store for SqliteStore {
         now: i64,
     ) -> StoreResult<Vec<String>> {
         self.write(move |conn| {
-            let f = || -> rusqlite::Result<Vec<String>> {
-                let mut created = Vec::new();
-                // An event is applied once: a second delivery must not re-match pauses.
-                let processed: Option<i64> = conn
-                    .prepare_cached("SELECT processed FROM events WHERE seq=?")?
-                    .query_row([event.seq], |r| r.get(0))
-                    .optional()?;
-                if processed == Some(1) {
-                    return Ok(created);
-                }
-                for r in &runs {
-                    // A redelivered event must not use up a rate limit or join a batch twice.
-                    let seen = conn
-                        .prepare_cached("SELECT 1 FROM runs WHERE fn_slug=? AND idem_key=?")?
-                        .query_row(params![r.fn_slug, r.idem_key], |_| Ok(()))
-                        .optional()?
-                        .is_some();
-                    if seen {
+            apply_event_inner(conn, &event, &runs, &extra_events, matcher.as_ref(), now).map_err(be)
+        })
+        .await
+    }
+
+    async fn insert_and_apply(
+        &self,
+        events: Vec<(NewEvent, Vec<NewRun>)>,
+        matcher: Arc<dyn PauseMatcher>,
+        now: i64,
+    ) -> StoreResult<(Vec<i64>, bool)> {
+        self.write(move |conn| {
+            let go = || -> rusqlite::Result<(Vec<i64>, bool)> {
+                // Events are applied in arrival order: with a backlog (say, after a crash)
+                // these wait their turn behind it.
+                let backlog = conn
+                    .prepare_cached("SELECT 1 FROM events WHERE processed=0 LIMIT 1")?
+                    .query_row([], |_| Ok(()))
+                    .optional()?
+                    .is_some();
+                let mut seqs = Vec::with_capacity(events.len());
+                for (e, runs) in &events {
+                    let seq = insert_event(conn, e)?;
+                    seqs.push(seq);
+                    if backlog {
                         continue;
                     }
-                    let start_id = format!("{}:start", r.run_id);
-                    let mut start = (
-                        r.items.iter().find(|i| i.id == start_id).map_or(now, |i| i.available_at),
-                        None,
-                    );
-                    if let flow::Admit::Absorbed = flow::admit(conn, r, now, &mut start)? {
-                        continue;
-                    }
-                    let fl = &r.flow;
-                    let ck = (!fl.concurrency.is_empty()).then(|| j(&fl.concurrency));
-                    let n = conn
-                        .prepare_cached(
-                            "INSERT OR IGNORE INTO runs(run_id, fn_slug, idem_key, trigger_event, status, events,
-                               created_at, ck, run_slot, started, singleton_key)
-                             VALUES (?,?,?,?, 'Running', ?, ?, ?, ?, ?, ?)",
-                        )?
-                        .execute(params![
-                            r.run_id, r.fn_slug, r.idem_key, r.trigger_internal_id, j(&r.events),
-                            r.created_at, ck, fl.run_slot.as_ref().map(|s| &s.key),
-                            fl.run_slot.is_none() as i64, fl.singleton.as_ref().map(|s| &s.0)
-                        ])?;
-                    if n == 0 {
-                        continue;
-                    }
-                    for item in &r.items {
-                        if item.id == start_id {
-                            let item = NewItem { available_at: start.0, ..item.clone() };
-                            flow::insert_keyed(conn, &item, &fl.concurrency, fl.run_slot.as_ref(), start.1)?;
-                        } else {
-                            insert_item(conn, item)?;
+                    let stored = StoredEvent {
+                        seq,
+                        internal_id: e.internal_id.clone(),
+                        name: e
+                            .event
+                            .get("name")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string(),
+                        event: e.event.clone(),
+                        received_at: e.received_at,
+                        target_fn: e.target_fn.clone(),
+                    };
+                    // Runs were planned before the event had a sequence number.
+                    let mut runs = runs.clone();
+                    for r in &mut runs {
+                        for p in &mut r.pauses {
+                            p.since_seq = seq;
                         }
                     }
-                    for p in &r.pauses {
-                        insert_pause(conn, p)?;
-                    }
-                    flow::after_create(conn, r, now)?;
-                    created.push(r.run_id.clone());
+                    apply_event_inner(conn, &stored, &runs, &[], matcher.as_ref(), now)?;
                 }
-                for e in &extra_events {
-                    insert_event(conn, e)?;
-                }
-                // Only finish events resume invokes; a user event that happens to carry
-                // a correlation_id must still reach ordinary waits.
-                let correlation = (event.name == "inngest/function.finished")
-                    .then(|| event.event.pointer("/data/correlation_id").and_then(Value::as_str))
-                    .flatten()
-                    .map(str::to_string);
-                let mut pauses: Vec<Pause> = conn
-                    .prepare_cached(&format!(
-                        "SELECT {PAUSE_COLS} FROM pauses WHERE event_name=? AND since_seq<? AND correlation IS NULL"
-                    ))?
-                    .query_map(params![event.name, event.seq], row_pause)?
-                    .collect::<Result<_, _>>()?;
-                if let Some(c) = &correlation {
-                    let by_corr: Vec<Pause> = conn
-                        .prepare_cached(&format!("SELECT {PAUSE_COLS} FROM pauses WHERE correlation=?"))?
-                        .query_map([c], row_pause)?
-                        .collect::<Result<_, _>>()?;
-                    pauses.extend(by_corr);
-                }
-                for p in pauses {
-                    if p.event_name != event.name || p.expires_at < now {
-                        continue;
-                    }
-                    if matcher.matches(&p, &event.event) {
-                        resume_pause(conn, &p, &event.event, now)?;
-                    }
-                }
-                conn.prepare_cached("UPDATE events SET processed=1 WHERE seq=?")?.execute([event.seq])?;
-                Ok(created)
+                Ok((seqs, !backlog))
             };
-            f().map_err(be)
+            go().map_err(be)
         })
         .await
     }
