@@ -239,13 +239,28 @@ async fn ingest(
             (e, runs)
         })
         .collect();
+    // Free workers start the new runs straight from the commit that created them.
+    let mut permits = engine
+        .workers
+        .try_take(planned.iter().map(|(_, r)| r.len()).sum());
+    let lease = (
+        engine.owner.clone(),
+        now + engine.config.lease.as_millis() as i64,
+        permits.len(),
+    );
     // Acknowledge only after commit.
     let applied = match engine
         .store
-        .insert_and_apply(planned, engine.pause_matcher(), now)
+        .insert_and_apply(planned, engine.pause_matcher(), now, lease)
         .await
     {
-        Ok((_, applied)) => applied,
+        Ok((applied, leased)) => {
+            for item in leased {
+                let Some(permit) = permits.pop() else { break };
+                crate::queue::spawn(engine.clone(), permit, item);
+            }
+            applied
+        }
         Err(e) => {
             return err(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -253,6 +268,7 @@ async fn ingest(
             )
         }
     };
+    drop(permits);
     metrics::counter!("cairn_events_received_total").increment(n as u64);
     if applied {
         engine.queue_wake.notify_one();

@@ -124,6 +124,8 @@ pub struct Engine {
     pub matcher: Arc<matcher::CelPauseMatcher>,
     /// Requests waiting for runs to end.
     pub run_waiters: waiters::RunWaiters,
+    /// The pool that handles queue items.
+    pub workers: queue::Workers,
 }
 
 impl Engine {
@@ -161,6 +163,7 @@ impl Server {
         let listener = tokio::net::TcpListener::bind(config.bind).await?;
         let addr = listener.local_addr()?;
         let (stop, shutdown) = watch::channel(false);
+        let max_concurrency = config.max_concurrency;
         let http = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
@@ -179,6 +182,7 @@ impl Server {
             shutdown,
             matcher: Arc::new(matcher::CelPauseMatcher),
             run_waiters: waiters::RunWaiters::default(),
+            workers: queue::Workers::new(max_concurrency),
         });
         engine.registry.reload(engine.store.as_ref()).await?;
         metrics_export::install();

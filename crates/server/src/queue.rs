@@ -5,12 +5,13 @@
 //! when the earliest known item falls due, or on a slow safety-net poll that
 //! catches work created by other processes sharing the store.
 
+use crate::store::QueueItem;
 use crate::Engine;
 use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Most items claimed in one round trip.
 const CLAIM_BATCH: usize = 64;
@@ -38,10 +39,49 @@ impl Drop for InFlight {
     }
 }
 
+/// The worker pool: permits bound the items handled at once, and the in-flight set is what
+/// the lease renewer keeps alive.
+pub struct Workers {
+    sem: Arc<Semaphore>,
+    inflight: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Workers {
+    /// A pool of `size` workers.
+    pub fn new(size: usize) -> Self {
+        Workers {
+            sem: Arc::new(Semaphore::new(size)),
+            inflight: Arc::default(),
+        }
+    }
+
+    /// Up to `n` free workers, taken now (never waits).
+    pub fn try_take(&self, n: usize) -> Vec<OwnedSemaphorePermit> {
+        (0..n)
+            .map_while(|_| self.sem.clone().try_acquire_owned().ok())
+            .collect()
+    }
+}
+
+/// Handle an item leased to this process on a worker, then go on with its run while its
+/// next item comes back leased from the commit of this one's result.
+pub fn spawn(engine: Arc<Engine>, permit: OwnedSemaphorePermit, item: QueueItem) {
+    tokio::spawn(async move {
+        let mut item = Some(item);
+        while let Some(current) = item.take() {
+            let _guard = InFlight::enter(&engine.workers.inflight, &current.id);
+            let go_on = !*engine.shutdown.borrow();
+            item = crate::executor::handle(engine.clone(), current, go_on).await;
+        }
+        drop(permit);
+        engine.queue_wake.notify_one();
+    });
+}
+
 /// Run the worker loop until shutdown, then wait for in-flight items.
 pub async fn run_workers(engine: Arc<Engine>) {
-    let sem = Arc::new(Semaphore::new(engine.config.max_concurrency));
-    let inflight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sem = engine.workers.sem.clone();
+    let inflight = engine.workers.inflight.clone();
     let renewer = tokio::spawn(renew_leases(engine.clone(), inflight.clone()));
     let mut shutdown = engine.shutdown.clone();
     loop {
@@ -67,21 +107,7 @@ pub async fn run_workers(engine: Arc<Engine>) {
                         let Ok(permit) = sem.clone().acquire_owned().await else {
                             break;
                         };
-                        let engine = engine.clone();
-                        let inflight = inflight.clone();
-                        tokio::spawn(async move {
-                            // Go on with the same run while it has due work: its next item
-                            // comes back leased from the commit of this one's result.
-                            let mut item = Some(item);
-                            while let Some(current) = item.take() {
-                                let _guard = InFlight::enter(&inflight, &current.id);
-                                let go_on = !*engine.shutdown.borrow();
-                                item =
-                                    crate::executor::handle(engine.clone(), current, go_on).await;
-                            }
-                            drop(permit);
-                            engine.queue_wake.notify_one();
-                        });
+                        spawn(engine.clone(), permit, item);
                     }
                 }
                 Err(e) => {

@@ -549,19 +549,21 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
     ) -> StoreResult<Vec<String>>;
     /// Store accepted events and, in the same commit, apply each with the runs planned for
-    /// it (as [`Store::apply_event`] would), saving the matcher a round trip. Returns the
-    /// sequence numbers and whether the events were applied; when not (a backlog of older
-    /// events must go first, or the backend does not do this), the matcher applies them.
+    /// it (as [`Store::apply_event`] would), saving the matcher a round trip; then lease up
+    /// to `lease.2` of the new runs' first calls to `lease.0` until `lease.1`, as
+    /// [`Store::apply_and_continue`] does. Returns whether the events were applied (when
+    /// not — a backlog of older events goes first, or the backend does not do this — the
+    /// matcher applies them) and the leased items.
     async fn insert_and_apply(
         &self,
         events: Vec<(NewEvent, Vec<NewRun>)>,
         _matcher: Arc<dyn PauseMatcher>,
         _now: i64,
-    ) -> StoreResult<(Vec<i64>, bool)> {
-        let seqs = self
-            .insert_events(events.into_iter().map(|(e, _)| e).collect())
+        _lease: (String, i64, usize),
+    ) -> StoreResult<(bool, Vec<QueueItem>)> {
+        self.insert_events(events.into_iter().map(|(e, _)| e).collect())
             .await?;
-        Ok((seqs, false))
+        Ok((false, Vec::new()))
     }
     /// Look up an event by internal id or user id.
     async fn get_event(&self, id: &str) -> StoreResult<Option<StoredEvent>>;

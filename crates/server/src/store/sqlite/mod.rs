@@ -886,9 +886,12 @@ impl Store for SqliteStore {
         events: Vec<(NewEvent, Vec<NewRun>)>,
         matcher: Arc<dyn PauseMatcher>,
         now: i64,
-    ) -> StoreResult<(Vec<i64>, bool)> {
+        lease: (String, i64, usize),
+    ) -> StoreResult<(bool, Vec<QueueItem>)> {
         self.write(move |conn| {
-            let go = || -> rusqlite::Result<(Vec<i64>, bool)> {
+            let go = || -> rusqlite::Result<(bool, Vec<QueueItem>)> {
+                let (owner, lease_until, max) = &lease;
+                let mut leased = Vec::new();
                 // Events are applied in arrival order: with a backlog (say, after a crash)
                 // these wait their turn behind it.
                 let backlog = conn
@@ -896,10 +899,8 @@ impl Store for SqliteStore {
                     .query_row([], |_| Ok(()))
                     .optional()?
                     .is_some();
-                let mut seqs = Vec::with_capacity(events.len());
                 for (e, runs) in &events {
                     let seq = insert_event(conn, e)?;
-                    seqs.push(seq);
                     if backlog {
                         continue;
                     }
@@ -923,9 +924,16 @@ impl Store for SqliteStore {
                             p.since_seq = seq;
                         }
                     }
-                    apply_event_inner(conn, &stored, &runs, &[], matcher.as_ref(), now)?;
+                    let created =
+                        apply_event_inner(conn, &stored, &runs, &[], matcher.as_ref(), now)?;
+                    for run_id in created {
+                        if leased.len() >= *max {
+                            break;
+                        }
+                        leased.extend(flow::lease_next(conn, &run_id, owner, now, *lease_until)?);
+                    }
                 }
-                Ok((seqs, !backlog))
+                Ok((!backlog, leased))
             };
             go().map_err(be)
         })
