@@ -192,6 +192,7 @@ impl Server {
             tokio::spawn(queue::run_workers(engine.clone())),
             tokio::spawn(timers::run_cron(engine.clone())),
             tokio::spawn(timers::run_retention(engine.clone())),
+            tokio::spawn(registry::run_refresh(engine.clone())),
         ];
         let app = api::router(engine.clone());
         let mut sd = engine.shutdown.clone();

@@ -52,13 +52,53 @@ impl FunctionEntry {
     }
 }
 
+/// Keep the function table in step with syncs received by other processes sharing the
+/// store (several `cairn` nodes on one PostgreSQL database): they are picked up within one
+/// poll interval.
+pub async fn run_refresh(engine: Arc<crate::Engine>) {
+    let mut shutdown = engine.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(engine.config.poll_interval) => {}
+            _ = shutdown.changed() => return,
+        }
+        match engine.registry.refresh(engine.store.as_ref()).await {
+            Ok(true) => {
+                tracing::info!("functions reloaded after a sync elsewhere");
+                engine.cron_wake.notify_one();
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "checking for syncs"),
+        }
+    }
+}
+
 /// The in-memory function table.
 #[derive(Default)]
 pub struct Registry {
     inner: RwLock<Arc<BTreeMap<String, Arc<FunctionEntry>>>>,
+    /// What the apps looked like at the last load, to notice syncs made by other processes.
+    seen: parking_lot::Mutex<Vec<(String, String, i64)>>,
 }
 
 impl Registry {
+    /// Reload if any app was synced since the last load, by this process or another one
+    /// sharing the store. Returns whether it reloaded.
+    pub async fn refresh(&self, store: &dyn Store) -> StoreResult<bool> {
+        let apps: Vec<(String, String, i64)> = store
+            .apps()
+            .await?
+            .into_iter()
+            .map(|a| (a.name, a.checksum, a.synced_at))
+            .collect();
+        if *self.seen.lock() == apps {
+            return Ok(false);
+        }
+        self.reload(store).await?;
+        *self.seen.lock() = apps;
+        Ok(true)
+    }
+
     /// Reload everything from the store.
     pub async fn reload(&self, store: &dyn Store) -> StoreResult<()> {
         let map: BTreeMap<String, Arc<FunctionEntry>> = store

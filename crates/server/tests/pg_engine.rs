@@ -139,3 +139,58 @@ async fn cancel_by_event_and_keyed_concurrency() {
     assert_eq!(app.executed("never"), 0);
     finish(ts, schema).await;
 }
+
+/// A sync received by one node reaches another node sharing the database within a poll
+/// interval, and that node then starts runs of the synced function.
+#[tokio::test]
+async fn a_sync_on_one_node_reaches_the_others() {
+    use cairn_server::store::{PgOptions, PostgresStore};
+    let (a, schema) = pg_server().await;
+    let store = PostgresStore::connect(
+        &pg_support::pg_url(),
+        PgOptions {
+            pool_size: 4,
+            schema: Some(schema.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("second node's store");
+    let mut cfg = cairn_server::Config::dev("127.0.0.1:0".parse().unwrap());
+    cfg.poll_interval = std::time::Duration::from_millis(300);
+    let b = cairn_server::Server::start(cfg, std::sync::Arc::new(store))
+        .await
+        .unwrap();
+    let b_base = format!("http://{}", b.addr());
+    let app = FakeApp::start(
+        "late",
+        vec![FakeFn::new(
+            "f",
+            "test/late",
+            vec![Step::Run("s", json!(1))],
+        )],
+    )
+    .await;
+    a.register(&app).await;
+    let http = reqwest::Client::new();
+    let mut seen = false;
+    for _ in 0..100 {
+        let v: serde_json::Value = http
+            .get(format!("{b_base}/v1/apps/late/functions"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["data"].as_array().is_some_and(|a| !a.is_empty()) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(seen, "node B never saw the function synced on node A");
+    assert!(b.engine().registry.get("late-f").is_some());
+    b.shutdown().await;
+    finish(a, schema).await;
+}
