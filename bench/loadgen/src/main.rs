@@ -680,7 +680,7 @@ async fn soak(paths: &Paths, smoke: bool, a: &SoakArgs) -> Result<String> {
         "## Soak\n\n{done} runs of the founding function (1 KiB) through Cairn + Rust SDK at C={c} in {:.0} s ({rate:.0} runs/s, p50 {:.1} ms, p99 {:.1} ms, {} errors).\n\n\
          | process | RSS after warm-up ({warmup} runs) MiB | RSS at end MiB | peak RSS MiB | slope after warm-up B/run |\n|---|---:|---:|---:|---:|\n\
          | cairn server | {:.1} | {:.1} | {:.1} | {:.1} |\n| Rust SDK app | {:.1} | {:.1} | {:.1} | {:.1} |\n\n\
-         Slope verdict: {verdict}. Database at the end: {:.1} MiB ({:.0} bytes per run); nothing in Cairn prunes completed runs yet, so it grows linearly with history.\n\nPlot: {plot_note}\n",
+         Slope verdict: {verdict}. Database at the end: {:.1} MiB ({:.0} bytes per run); Cairn deletes runs and events older than `--retention-days` (default 7), so within a soak it grows linearly with history and is bounded by the retention window over days.\n\nPlot: {plot_note}\n",
         out.wall.as_secs_f64(),
         lat.p50,
         lat.p99,

@@ -193,6 +193,7 @@ impl Server {
             tokio::spawn(timers::run_cron(engine.clone())),
             tokio::spawn(timers::run_retention(engine.clone())),
             tokio::spawn(registry::run_refresh(engine.clone())),
+            tokio::spawn(metrics_export::run_upkeep(engine.shutdown.clone())),
         ];
         let app = api::router(engine.clone());
         let mut sd = engine.shutdown.clone();
