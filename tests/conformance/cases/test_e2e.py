@@ -326,7 +326,8 @@ def test_big_batch_uses_api(sdk, make_stack):
     4 MiB, so the server sends use_api and the SDK fetches the batch from /v0/runs/{id}/batch."""
     st = make_stack(sdk, proxy=True)
     blob = "e" * (450 * 1024)
-    ids = [st.send("conf/big-batch", {"blob": blob, "i": i}) for i in range(10)]
+    # One request, so the batch fills before its 5 s timeout however slow the machine is.
+    ids = st.cairn.send(*[{"name": "conf/big-batch", "data": {"blob": blob, "i": i}} for i in range(10)])
     run = st.cairn.finish(ids[0], timeout=30)
     completed(run, {"count": 10, "total": 10 * len(blob)})
     first = st.calls()[0]

@@ -7,7 +7,7 @@
 //! never sits in front of other keys' work; each slot that frees un-parks the oldest item
 //! parked on that key. A periodic repair un-parks anything a lost wake-up left behind.
 
-use super::{insert_event, j, load_run};
+use super::{insert_event, j};
 use crate::store::{
     skipped_invoke_event, Finish, Hold, NewItem, NewRun, QueueInfo, QueueItem, RunStatus,
     SkipReason, Slot,
@@ -191,11 +191,14 @@ pub(super) fn admit(
             .query_row(params![run.fn_slug, b.key], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         if let Some((run_id, size)) = open {
-            if let Some(existing) = load_run(conn, &run_id)? {
-                let mut events = existing.events;
-                events.push(event);
-                conn.prepare_cached("UPDATE runs SET events=? WHERE run_id=?")?
-                    .execute(params![j(&events), run_id])?;
+            // SQLite appends to the stored array itself: re-parsing and re-writing a batch
+            // of large events in Rust for every member made filling it quadratic.
+            let n = conn
+                .prepare_cached(
+                    "UPDATE runs SET events=json_insert(events, '$[#]', json(?)) WHERE run_id=?",
+                )?
+                .execute(params![j(&event), run_id])?;
+            if n == 1 {
                 conn.prepare_cached(
                     "INSERT OR IGNORE INTO run_triggers(internal_id, run_id) VALUES (?,?)",
                 )?
