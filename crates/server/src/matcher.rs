@@ -29,33 +29,28 @@ pub fn json_to_cel(v: &Value) -> cel::Value {
     }
 }
 
-/// Evaluates a boolean CEL expression with the given variables. A parse or
-/// evaluation error (e.g. a missing field) counts as "no match", as in Inngest.
-pub fn eval_bool(expr: &str, vars: &[(&str, &Value)]) -> Result<bool, String> {
+/// Compiles `expr` and runs it with the given variables: `Err` if it does not compile,
+/// `Ok(Err)` if evaluation fails (e.g. a missing field).
+fn execute(expr: &str, vars: &[(&str, &Value)]) -> Result<Result<cel::Value, String>, String> {
     let program =
         cel::Program::compile(expr).map_err(|e| format!("invalid expression {expr:?}: {e}"))?;
     let mut ctx = cel::Context::default();
     for (name, value) in vars {
         ctx.add_variable_from_value(*name, json_to_cel(value));
     }
-    match program.execute(&ctx) {
-        Ok(cel::Value::Bool(b)) => Ok(b),
-        Ok(_) => Ok(false),
-        Err(_) => Ok(false),
-    }
+    Ok(program.execute(&ctx).map_err(|e| e.to_string()))
+}
+
+/// Evaluates a boolean CEL expression with the given variables. A parse or
+/// evaluation error (e.g. a missing field) counts as "no match", as in Inngest.
+pub fn eval_bool(expr: &str, vars: &[(&str, &Value)]) -> Result<bool, String> {
+    Ok(matches!(execute(expr, vars)?, Ok(cel::Value::Bool(true))))
 }
 
 /// Evaluates a CEL expression to a JSON value (keys, priorities). Scalars convert exactly;
 /// anything else becomes its debug text, which is still a stable key.
 pub fn eval_value(expr: &str, vars: &[(&str, &Value)]) -> Result<Value, String> {
-    let program =
-        cel::Program::compile(expr).map_err(|e| format!("invalid expression {expr:?}: {e}"))?;
-    let mut ctx = cel::Context::default();
-    for (name, value) in vars {
-        ctx.add_variable_from_value(*name, json_to_cel(value));
-    }
-    let v = program.execute(&ctx).map_err(|e| e.to_string())?;
-    Ok(match v {
+    Ok(match execute(expr, vars)?? {
         cel::Value::Null => Value::Null,
         cel::Value::Bool(b) => Value::Bool(b),
         cel::Value::Int(i) => Value::from(i),
@@ -200,37 +195,16 @@ pub fn plan_runs(
     ev: &crate::store::StoredEvent,
     now: i64,
 ) -> (Vec<crate::store::NewRun>, Vec<crate::store::NewEvent>) {
-    use crate::store::NewEvent;
     let mut extra = Vec::new();
     let targets: Vec<Arc<FunctionEntry>> = match &ev.target_fn {
         Some(slug) => match engine.registry.get(slug) {
             Some(f) => vec![f],
             None => {
                 // An invoke of a missing function must fail the caller, not hang it.
-                if let Some(corr) = ev
-                    .event
-                    .pointer("/data/_inngest/correlation_id")
-                    .and_then(Value::as_str)
-                {
-                    extra.push(NewEvent {
-                        internal_id: ulid::Ulid::new().to_string(),
-                        event: serde_json::json!({
-                            "name": "inngest/function.finished",
-                            "id": ulid::Ulid::new().to_string(),
-                            "ts": now,
-                            "user": {},
-                            "data": {
-                                "function_id": slug,
-                                "correlation_id": corr,
-                                "error": {"name": "Error", "message": format!("function {slug} not found"),
-                                          "error": format!("Error: function {slug} not found")},
-                                "_inngest": {"status": "Failed"},
-                            }
-                        }),
-                        received_at: now,
-                        target_fn: None,
-                    });
-                }
+                let message = format!("function {slug} not found");
+                extra.extend(crate::store::failed_invoke_event(
+                    slug, &ev.event, &message, "Failed", now,
+                ));
                 vec![]
             }
         },

@@ -665,18 +665,19 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<bool>;
 }
 
-/// The `inngest/function.finished` event that fails an invoke whose target was dropped by
-/// flow control, so the caller's `step.invoke` fails instead of waiting for its timeout.
-pub fn skipped_invoke_event(
+/// The `inngest/function.finished` event that fails the invoke which sent `trigger`, so the
+/// caller's `step.invoke` fails at once instead of waiting for its timeout. `None` when
+/// `trigger` is not an invocation.
+pub fn failed_invoke_event(
     fn_slug: &str,
     trigger: &Value,
-    reason: SkipReason,
+    message: &str,
+    status: &str,
     now: i64,
 ) -> Option<NewEvent> {
     let corr = trigger
         .pointer("/data/_inngest/correlation_id")
         .and_then(Value::as_str)?;
-    let message = format!("function {fn_slug} was not started: {}", reason.as_str());
     Some(NewEvent {
         internal_id: ulid::Ulid::new().to_string(),
         event: serde_json::json!({
@@ -688,12 +689,23 @@ pub fn skipped_invoke_event(
                 "function_id": fn_slug,
                 "correlation_id": corr,
                 "error": {"name": "Error", "message": message, "error": format!("Error: {message}")},
-                "_inngest": {"status": "Skipped"},
+                "_inngest": {"status": status},
             }
         }),
         received_at: now,
         target_fn: None,
     })
+}
+
+/// [`failed_invoke_event`] for an invocation flow control dropped.
+pub fn skipped_invoke_event(
+    fn_slug: &str,
+    trigger: &Value,
+    reason: SkipReason,
+    now: i64,
+) -> Option<NewEvent> {
+    let message = format!("function {fn_slug} was not started: {}", reason.as_str());
+    failed_invoke_event(fn_slug, trigger, &message, "Skipped", now)
 }
 
 /// The memo a resumed pause stores, shared by all store implementations.

@@ -350,6 +350,17 @@ pub(super) fn run_keys(conn: &Connection, run_id: &str, now: i64) -> rusqlite::R
     Ok(keys)
 }
 
+/// The (key, limit) pairs a queue row carries in the given (key column, limit column) pairs.
+fn row_keys(r: &rusqlite::Row, cols: &[(usize, usize)]) -> rusqlite::Result<Vec<(String, i64)>> {
+    let mut keys = Vec::new();
+    for &(k, l) in cols {
+        if let Some(key) = r.get::<_, Option<String>>(k)? {
+            keys.push((key, r.get::<_, Option<i64>>(l)?.unwrap_or(i64::MAX)));
+        }
+    }
+    Ok(keys)
+}
+
 type Candidate = (QueueItem, Vec<(String, i64)>, Option<String>);
 
 /// Lease up to `limit` due items, parking those whose concurrency keys are full.
@@ -373,12 +384,7 @@ pub(super) fn claim(
         )?
         .query_map(params![now, scan], |r| {
             let kind: String = r.get(2)?;
-            let mut keys = Vec::new();
-            for (k, l) in [(5, 6), (9, 10), (7, 8)] {
-                if let Some(key) = r.get::<_, Option<String>>(k)? {
-                    keys.push((key, r.get::<_, Option<i64>>(l)?.unwrap_or(i64::MAX)));
-                }
-            }
+            let keys = row_keys(r, &[(5, 6), (9, 10), (7, 8)])?;
             Ok((
                 QueueItem {
                     id: r.get(0)?,
@@ -465,12 +471,7 @@ pub(super) fn lease_next(
              ORDER BY due_at LIMIT 1",
         )?
         .query_row(params![run_id, now], |r| {
-            let mut keys = Vec::new();
-            for (k, l) in [(4, 5), (6, 7)] {
-                if let Some(key) = r.get::<_, Option<String>>(k)? {
-                    keys.push((key, r.get::<_, Option<i64>>(l)?.unwrap_or(i64::MAX)));
-                }
-            }
+            let keys = row_keys(r, &[(4, 5), (6, 7)])?;
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, keys))
         })
         .optional()?;
