@@ -268,11 +268,25 @@ fn start_refuses_an_unreachable_database_clearly() {
     );
 }
 
-/// Three nodes on one database take turns being killed with SIGKILL mid-run and restarted.
-/// Runs sleep and wait for events, so their steps hop between nodes; whatever a dead node
-/// held (leases, accepted but unmatched events) is taken over by the others.
+/// Three nodes on one database; every few seconds one of them is killed with SIGKILL and
+/// restarted while thousands of runs with sleeps, waits and invokes flow through, so their
+/// steps hop between nodes and whatever a dead node held (leases, accepted but unmatched
+/// events, cron turns) is taken over by the others. The outcome is read from the database
+/// itself: every acknowledged event has exactly one completed run with the right output,
+/// finalised once, and every cron second fired exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_one_killed_repeatedly_every_run_finishes_exactly_once() {
+    // CI's size is the issue's 5,000; CAIRN_MULTI_NODE_RUNS changes it for a quick try or a
+    // longer soak by hand.
+    let total: i64 = std::env::var("CAIRN_MULTI_NODE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
+    // Unfinished runs allowed at once. The load is paced to what the nodes finish, so queueing
+    // never outgrows the invoke's timeout: a run that fails here failed for a real reason.
+    const IN_FLIGHT: i64 = 150;
+    const BATCH: i64 = 25;
+
     let db = TestDb::create().await;
     let url = db.url();
     let mut tick = FakeFn::new("tick", "unused", vec![Step::Run("t", json!(1))]);
@@ -287,8 +301,8 @@ async fn three_nodes_one_killed_repeatedly_every_run_finishes_exactly_once() {
                     Step::Run("a", json!("A")),
                     Step::Sleep("s", "1s"),
                     Step::Run("b", json!("B")),
-                    Step::Wait("w", "multi/go", Some("async.data.n == event.data.n"), "2s"),
-                    Step::Invoke("i", "multi-child", json!({"k": 1})),
+                    Step::Wait("w", "multi/go", Some("async.data.n == event.data.n"), "3s"),
+                    Step::Invoke("i", "multi-child", json!({"k": 1}), "60s"),
                     Step::Run("c", json!("C")),
                 ],
             ),
@@ -306,142 +320,222 @@ async fn three_nodes_one_killed_repeatedly_every_run_finishes_exactly_once() {
     for port in &ports[1..] {
         nodes.push(Some(Node::start(&url, *port).await));
     }
+    let pg = {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    };
+    let running = || async {
+        pg.query_one(
+            "SELECT count(*) FROM runs WHERE status = 'Running' AND fn_slug <> 'multi-tick'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
 
-    const ROUNDS: usize = 6;
-    // CI's size; set CAIRN_MULTI_NODE_PER_ROUND (up to 80: the events API lists at most
-    // 1,000 finished events, two per run with the invoked child) for a longer soak by hand.
-    let per_round: usize = std::env::var("CAIRN_MULTI_NODE_PER_ROUND")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
+    let began = Instant::now();
+    let deadline = began + Duration::from_secs(1200);
     let mut acked: Vec<(String, i64)> = Vec::new();
     let mut n = 0i64;
-    for round in 0..ROUNDS {
-        for i in 0..per_round {
-            n += 1;
-            // Spread events over the nodes alive this round.
-            let base = nodes
-                .iter()
-                .flatten()
-                .nth(i % nodes.iter().flatten().count())
-                .unwrap()
-                .base
-                .clone();
-            let ids = send(
-                &base,
-                json!([{"name": "multi/start", "data": {"n": n}}, {"name": "multi/go", "data": {"n": n - 4}}]),
-            )
-            .await;
-            acked.push((ids[0].clone(), n));
-            tokio::time::sleep(Duration::from_millis(rand::random_range(5..40))).await;
+    let mut kills = 0usize;
+    let mut next_kill = Instant::now() + Duration::from_millis(rand::random_range(1500..3500));
+    let mut down: Option<(usize, Instant)> = None;
+    let mut sent_to = 0usize;
+    let mut go_later = std::collections::VecDeque::new();
+    // Keep killing until every run has ended, so recovery itself is also interrupted.
+    loop {
+        let unfinished = running().await;
+        if n >= total && unfinished == 0 {
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(rand::random_range(200..1200))).await;
-        let victim = round % nodes.len();
-        nodes[victim].take().unwrap().kill9();
-        // Down for a moment, so the others see its leases lapse; then back.
-        tokio::time::sleep(Duration::from_millis(rand::random_range(100..1500))).await;
+        assert!(
+            Instant::now() < deadline,
+            "{unfinished} runs still unfinished after {:?}, {n} sent",
+            began.elapsed()
+        );
+        if let Some((victim, back_at)) = down {
+            if Instant::now() >= back_at {
+                nodes[victim] = Some(Node::start(&url, ports[victim]).await);
+                down = None;
+            }
+        } else if Instant::now() >= next_kill {
+            let victim = kills % nodes.len();
+            nodes[victim].take().unwrap().kill9();
+            kills += 1;
+            // Down for a moment, so the others see its leases lapse; then back.
+            down = Some((
+                victim,
+                Instant::now() + Duration::from_millis(rand::random_range(100..1500)),
+            ));
+            next_kill = Instant::now() + Duration::from_millis(rand::random_range(2000..4000));
+        }
+        // The wait of each run is matched by a `go` sent about when the run reaches it (after
+        // its 1 s sleep); under load some come too early or too late and the wait times out.
+        // Both outcomes are right; a wait resumed by another run's `go` is not.
+        let go: Vec<Value> = std::iter::from_fn(|| {
+            go_later
+                .front()
+                .is_some_and(|(_, at)| *at <= Instant::now())
+                .then(|| go_later.pop_front().unwrap())
+        })
+        .map(|(k, _)| json!({"name": "multi/go", "data": {"n": k}}))
+        .collect();
+        if !go.is_empty() {
+            let alive: Vec<&Node> = nodes.iter().flatten().collect();
+            send(&alive[sent_to % alive.len()].base, Value::Array(go)).await;
+        }
+        if n < total && unfinished < IN_FLIGHT {
+            let alive: Vec<&Node> = nodes.iter().flatten().collect();
+            sent_to += 1;
+            let base = alive[sent_to % alive.len()].base.clone();
+            let batch: Vec<Value> = (n + 1..=(n + BATCH).min(total))
+                .map(|k| json!({"name": "multi/start", "data": {"n": k}}))
+                .collect();
+            for id in send(&base, Value::Array(batch)).await {
+                n += 1;
+                acked.push((id, n));
+                go_later.push_back((n, Instant::now() + Duration::from_millis(1500)));
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let elapsed = began.elapsed();
+    if let Some((victim, _)) = down {
         nodes[victim] = Some(Node::start(&url, ports[victim]).await);
     }
 
-    let base = nodes[0].as_ref().unwrap().base.clone();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut run_ids = HashSet::new();
+    // Every acknowledged event: exactly one run, completed, with every step's output.
+    let rows = pg
+        .query(
+            "SELECT trigger_event, run_id, status, output FROM runs WHERE fn_slug = 'multi-flow'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut by_event: std::collections::HashMap<String, Vec<(String, String, Value)>> =
+        Default::default();
+    for r in &rows {
+        let output: Option<String> = r.get(3);
+        by_event.entry(r.get(0)).or_default().push((
+            r.get(1),
+            r.get(2),
+            output.map_or(Value::Null, |o| serde_json::from_str(&o).unwrap()),
+        ));
+    }
+    assert_eq!(rows.len(), acked.len(), "runs of the flow function");
+    let mut waits_matched = 0;
     for (event_id, n) in &acked {
-        let run = ended_run(&base, event_id, deadline).await;
-        assert_eq!(run["status"], "Completed", "event {n}: {run}");
-        assert_eq!(run["output"]["steps"]["c"], json!({"data": "C"}));
+        let runs = by_event.get(event_id).map(Vec::as_slice).unwrap_or(&[]);
+        assert_eq!(runs.len(), 1, "event {n} started {} runs", runs.len());
+        let (_, status, out) = &runs[0];
+        assert_eq!(status, "Completed", "event {n}: {out}");
+        assert_eq!(out["steps"]["c"], json!({"data": "C"}), "event {n}: {out}");
         assert_eq!(
-            run["output"]["steps"]["i"]["data"]["steps"]["ch"],
+            out["steps"]["i"]["data"]["steps"]["ch"],
             json!({"data": "CH"}),
-            "event {n}: the invoke's result: {run}"
+            "event {n}: the invoke's result: {out}"
         );
-        assert_eq!(run["output"]["event"]["n"], *n);
-        let w = &run["output"]["steps"]["w"];
+        assert_eq!(out["event"]["n"], *n);
+        let w = &out["steps"]["w"];
         assert!(
             w.is_null() || w["data"]["n"] == *n,
             "wait resumed by the wrong event: {w}"
         );
-        run_ids.insert(run["run_id"].as_str().unwrap().to_string());
+        waits_matched += usize::from(!w.is_null());
     }
-    assert_eq!(run_ids.len(), acked.len());
+    // The `go` events are timed to arrive while most runs wait; if none matched, the matching
+    // path was not exercised (or is broken).
+    assert!(
+        waits_matched * 10 >= acked.len(),
+        "only {waits_matched} of {} waits matched",
+        acked.len()
+    );
+    let children: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM runs WHERE fn_slug = 'multi-child' AND status = 'Completed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(children, total, "one completed child per invoke");
 
     // Finalisation ran once per run: exactly one function.finished event each.
-    let flow_finished = || async {
-        let evs = get(
-            &base,
-            "/v1/events?name=inngest/function.finished&limit=1000",
+    let finished: Vec<String> = pg
+        .query(
+            "SELECT body FROM events WHERE name = 'inngest/function.finished'",
+            &[],
         )
-        .await;
-        evs["data"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|e| e["data"]["function_id"] == "multi-flow")
-            .collect::<Vec<Value>>()
-    };
-    let mut finished = Vec::new();
-    for _ in 0..100 {
-        finished = flow_finished().await;
-        if finished.len() >= acked.len() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let finished_runs: Vec<&str> = finished
+        .await
+        .unwrap()
         .iter()
-        .map(|e| e["data"]["run_id"].as_str().unwrap())
+        .map(|r| serde_json::from_str::<Value>(r.get(0)).unwrap())
+        .filter(|e| e["data"]["function_id"] == "multi-flow")
+        .map(|e| e["data"]["run_id"].as_str().unwrap().to_string())
         .collect();
-    let unique: HashSet<&str> = finished_runs.iter().copied().collect();
-    assert_eq!(finished_runs.len(), acked.len(), "finished events");
+    let unique: HashSet<&String> = finished.iter().collect();
+    assert_eq!(finished.len(), acked.len(), "finished events");
     assert_eq!(unique.len(), acked.len());
 
     // Every node runs the cron loop: each second's tick was stored once and started one run.
-    let ticks = get(&base, "/v1/events?name=inngest/scheduled.timer&limit=1000").await;
-    let ticks = ticks["data"].as_array().cloned().unwrap_or_default();
-    let tick_ids: Vec<&str> = ticks.iter().map(|e| e["id"].as_str().unwrap()).collect();
-    let unique_ticks: HashSet<&str> = tick_ids.iter().copied().collect();
-    assert_eq!(unique_ticks.len(), tick_ids.len(), "a tick fired twice");
-    assert!(tick_ids.len() >= 5, "too few ticks: {tick_ids:?}");
-    for e in &ticks {
-        let id = e["internal_id"].as_str().unwrap();
-        let mut runs = 0;
-        for _ in 0..100 {
-            runs = get(&base, &format!("/v1/events/{id}/runs")).await["data"]
-                .as_array()
-                .map_or(0, Vec::len);
-            if runs > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(runs, 1, "tick {} started {runs} runs", e["id"]);
+    let ticks = pg
+        .query(
+            "SELECT e.internal_id, e.body, (SELECT count(*) FROM runs r
+               WHERE r.fn_slug = 'multi-tick' AND r.trigger_event = e.internal_id)
+             FROM events e WHERE e.name = 'inngest/scheduled.timer'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut seconds = Vec::new();
+    for t in &ticks {
+        let body: Value = serde_json::from_str(t.get(1)).unwrap();
+        let runs: i64 = t.get(2);
+        assert_eq!(runs, 1, "tick {} started {runs} runs", body["id"]);
+        let at = chrono::DateTime::parse_from_rfc3339(body["id"].as_str().unwrap()).unwrap();
+        seconds.push(at.timestamp());
     }
+    seconds.sort_unstable();
+    let fired = seconds.len();
+    seconds.dedup();
+    assert_eq!(seconds.len(), fired, "a tick fired twice");
+    let span = (seconds.last().unwrap() - seconds.first().unwrap() + 1) as usize;
+    // A second is skipped only if no node's cron loop woke within it (upstream skips missed
+    // ticks too); with three nodes, at most one of them down, that should be rare.
+    let skipped = span - fired;
+    assert!(
+        skipped * 20 <= span,
+        "{skipped} of {span} cron seconds never fired"
+    );
 
-    {
-        let c = app.counters.lock();
-        assert!(
-            c.violations.is_empty(),
-            "memoised results lost: {:?}",
-            c.violations
-        );
-        // A step body runs again only when a kill landed between the app running it and the
-        // commit of its result, i.e. it was in flight on the killed node.
-        let reruns: Vec<(&String, &usize)> = c
-            .executed
-            .iter()
-            .filter(|(k, v)| k.contains('/') && **v > 1)
-            .collect();
-        let total: usize = reruns.iter().map(|(_, v)| **v - 1).sum();
-        eprintln!(
-            "{} runs, {total} step re-executions after {ROUNDS} kills",
-            acked.len()
-        );
-        assert!(
-            total <= ROUNDS * 4,
-            "{total} step re-executions for {ROUNDS} kills: {reruns:?}"
-        );
-    }
+    let c = app.counters.lock();
+    assert!(
+        c.violations.is_empty(),
+        "memoised results lost: {:?}",
+        c.violations
+    );
+    // A step body runs again only when a kill landed between the app running it and the
+    // commit of its result, i.e. it was in flight on the killed node (at most 64 calls each).
+    let reruns: Vec<(&String, &usize)> = c
+        .executed
+        .iter()
+        .filter(|(k, v)| k.contains('/') && **v > 1)
+        .collect();
+    let rerun_total: usize = reruns.iter().map(|(_, v)| **v - 1).sum();
+    eprintln!(
+        "{total} runs in {elapsed:?} with {kills} kills: {rerun_total} step re-executions, \
+         {waits_matched} waits matched, {fired} cron ticks over {span} s ({skipped} skipped)"
+    );
+    assert!(
+        rerun_total <= kills * 64,
+        "{rerun_total} step re-executions for {kills} kills: {reruns:?}"
+    );
+    drop(c);
     drop(nodes);
     db.drop_db().await;
 }

@@ -25,7 +25,7 @@ async fn steps_sleeps_waits_invokes_and_retries_complete() {
                 Some("async.data.id == event.data.id"),
                 "10s",
             ),
-            Step::Invoke("i", "app-child", json!({"x": 1})),
+            Step::Invoke("i", "app-child", json!({"x": 1}), "2s"),
             Step::Run("b", json!("B")),
         ],
     );

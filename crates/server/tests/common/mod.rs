@@ -35,8 +35,8 @@ pub enum Step {
         Option<&'static str>,
         &'static str,
     ),
-    /// `step.invoke(id, {function, data})`.
-    Invoke(&'static str, &'static str, Value),
+    /// `step.invoke(id, {function, data, timeout})`.
+    Invoke(&'static str, &'static str, Value, &'static str),
     /// `Promise.all` of `step.run`s with these ids returning their values.
     Parallel(Vec<(&'static str, Value)>),
     /// The function throws (non-retriable if the flag is set).
@@ -420,7 +420,7 @@ async fn handle(
                     &[],
                 );
             }
-            Step::Invoke(id, fn_id, data) => {
+            Step::Invoke(id, fn_id, data, timeout) => {
                 if let Some(m) = memo(id) {
                     outputs.insert(id.to_string(), m);
                     continue;
@@ -429,7 +429,7 @@ async fn handle(
                     206,
                     v,
                     json!([{"id": step_id::hash(id), "op": "InvokeFunction",
-                            "opts": {"function_id": fn_id, "payload": {"data": data}, "timeout": "2s"}}]),
+                            "opts": {"function_id": fn_id, "payload": {"data": data}, "timeout": timeout}}]),
                     &[],
                 );
             }
