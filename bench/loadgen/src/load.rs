@@ -192,7 +192,7 @@ async fn one_run(
             })
         }
         Driver::Cairn {
-            base,
+            bases,
             event,
             tenants,
             hot_every,
@@ -208,6 +208,7 @@ async fn one_run(
                 };
                 data["tenant"] = json!(tenant_id(t));
             }
+            let base = &bases[index % bases.len()];
             let s = cairn_run(http, base, event, data, *long_poll, pacer, deadline).await?;
             Ok(Sample { hot, ..s })
         }

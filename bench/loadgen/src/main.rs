@@ -52,6 +52,9 @@ enum Cmd {
     /// Flow control's cost: the founding function unconstrained vs with a per-tenant
     /// concurrency limit (optionally also against a baseline server binary).
     Flow(FlowArgs),
+    /// Several `cairn` nodes sharing one PostgreSQL database: 1 vs 3 nodes, CPU per run and
+    /// statements per SDK call.
+    Nodes(NodesArgs),
     /// Everything above, in that order.
     All {
         #[command(flatten)]
@@ -64,6 +67,8 @@ enum Cmd {
         growth: GrowthArgs,
         #[command(flatten)]
         flow: FlowArgs,
+        #[command(flatten)]
+        nodes: NodesArgs,
     },
 }
 
@@ -165,6 +170,33 @@ struct FlowArgs {
     flow_budget_s: Option<u64>,
 }
 
+#[derive(clap::Args, Clone)]
+struct NodesArgs {
+    /// Measured runs per phase (default 3,000; smoke 60).
+    #[arg(long = "nodes-runs")]
+    nodes_runs: Option<usize>,
+    #[arg(long = "nodes-concurrency", default_value_t = 16)]
+    nodes_concurrency: usize,
+    /// Node counts to compare, each on a fresh database, back to back.
+    #[arg(long = "node-counts", value_delimiter = ',', default_value = "1,3")]
+    node_counts: Vec<usize>,
+    /// Rounds of every node count (default 2, the second in reverse order; smoke 1).
+    #[arg(long = "nodes-rounds")]
+    nodes_rounds: Option<usize>,
+    /// PostgreSQL server on which each phase creates (and afterwards drops) a database of its
+    /// own. The default reaches the machine's server through its Unix socket, which the
+    /// bench's private network namespace does not cut off.
+    #[arg(
+        long = "pg-url",
+        env = "BENCH_PG_URL",
+        default_value = "postgres://postgres@%2Fvar%2Frun%2Fpostgresql/postgres"
+    )]
+    pg_url: String,
+    /// Time budget per phase, seconds (measured part).
+    #[arg(long = "nodes-budget-s")]
+    nodes_budget_s: Option<u64>,
+}
+
 struct Scenario {
     name: &'static str,
     size: usize,
@@ -221,13 +253,15 @@ async fn main() {
         Cmd::Leak(a) => leak(&cli.paths, cli.smoke, a).await.map(|_| ()),
         Cmd::Growth(a) => growth(&cli.paths, cli.smoke, a).await.map(|_| ()),
         Cmd::Flow(a) => flow(&cli.paths, cli.smoke, a).await.map(|_| ()),
+        Cmd::Nodes(a) => nodes(&cli.paths, cli.smoke, a).await.map(|_| ()),
         Cmd::All {
             throughput: t,
             soak: s,
             leak: l,
             growth: g,
             flow: f,
-        } => all(&cli.paths, cli.smoke, t, s, l, g, f).await,
+            nodes: nd,
+        } => all(&cli.paths, cli.smoke, t, s, l, g, f, nd).await,
     };
     if let Err(e) = res {
         eprintln!("cairn-bench: {e:#}");
@@ -235,6 +269,7 @@ async fn main() {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn all(
     paths: &Paths,
     smoke: bool,
@@ -243,6 +278,7 @@ async fn all(
     l: &LeakArgs,
     g: &GrowthArgs,
     f: &FlowArgs,
+    nd: &NodesArgs,
 ) -> Result<()> {
     // Every part runs even if an earlier one failed; the exit status reports all of them.
     let mut failed = Vec::new();
@@ -266,6 +302,10 @@ async fn all(
     match flow(paths, smoke, f).await {
         Ok(md) => summary.push_str(&md),
         Err(e) => failed.push(format!("flow: {e:#}")),
+    }
+    match nodes(paths, smoke, nd).await {
+        Ok(md) => summary.push_str(&md),
+        Err(e) => failed.push(format!("nodes: {e:#}")),
     }
     let path = paths.results_dir.join(format!(
         "{}summary-{}.md",
@@ -470,6 +510,11 @@ async fn measure(
         .map(|(r, _)| r)
 }
 
+/// Runs [`measure`] drives before the measured phase.
+fn warmup_runs(n: usize, c: usize) -> usize {
+    (n / 10).clamp(c.min(n), 200)
+}
+
 /// [`measure`], also returning every measured run's sample.
 async fn measure_samples(
     stack: &mut Stack,
@@ -479,7 +524,7 @@ async fn measure_samples(
     n: usize,
     budget: Duration,
 ) -> Result<(ScenarioResult, Vec<load::Sample>)> {
-    let warm_n = (n / 10).clamp(c.min(n), 200);
+    let warm_n = warmup_runs(n, c);
     let warm = drive(
         &stack.http,
         &stack.driver,
@@ -885,7 +930,7 @@ async fn growth(paths: &Paths, smoke: bool, a: &GrowthArgs) -> Result<String> {
     );
     let mut stack = systems::start_cairn(paths, AppKind::Rust, "growth", 64).await?;
     let base = match &stack.driver {
-        systems::Driver::Cairn { base, .. } => base.clone(),
+        systems::Driver::Cairn { bases, .. } => bases[0].clone(),
         _ => unreachable!(),
     };
     let budget = Duration::from_secs(a.growth_prefill_budget_s);
@@ -1347,6 +1392,222 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
             failures.len(),
             failures.join("\n")
         );
+    }
+    Ok(md)
+}
+
+// ---------------------------------------------------------------------------------------
+// Several nodes on PostgreSQL
+
+/// Sum of a counter (all label sets) in a Prometheus text exposition.
+fn counter_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// (statements sent to PostgreSQL, SDK calls made) summed over the stack's nodes.
+async fn db_counters(stack: &Stack) -> Result<(f64, f64)> {
+    let systems::Driver::Cairn { bases, .. } = &stack.driver else {
+        bail!("not a Cairn stack");
+    };
+    let (mut statements, mut calls) = (0.0, 0.0);
+    for base in bases {
+        let text = stack
+            .http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        statements += counter_sum(&text, "cairn_db_statements_total");
+        calls += counter_sum(&text, "cairn_sdk_calls_total");
+    }
+    Ok((statements, calls))
+}
+
+async fn pg_admin(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| "connecting to PostgreSQL (--pg-url / BENCH_PG_URL)")?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// `url` with its database replaced by `db`.
+fn with_database(url: &str, db: &str) -> Result<String> {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let cut = url[after_scheme..]
+        .find('/')
+        .map(|i| i + after_scheme)
+        .ok_or_else(|| anyhow::anyhow!("--pg-url has no database path: {url}"))?;
+    let query = url[cut..].find('?').map_or("", |q| &url[cut + q..]);
+    Ok(format!("{}/{db}{query}", &url[..cut]))
+}
+
+#[derive(Serialize)]
+struct NodesPhase {
+    round: usize,
+    nodes: usize,
+    result: ScenarioResult,
+    server_cpu_s_per_1000_runs: f64,
+    /// All PostgreSQL processes on the machine, warm-up included.
+    postgres_cpu_s_per_1000_runs: f64,
+    statements_per_run: f64,
+    statements_per_call: f64,
+    calls_per_run: f64,
+}
+
+async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
+    let n = a.nodes_runs.unwrap_or(if smoke { 60 } else { 3_000 });
+    let c = a.nodes_concurrency;
+    let rounds = a.nodes_rounds.unwrap_or(if smoke { 1 } else { 2 });
+    let budget = Duration::from_secs(a.nodes_budget_s.unwrap_or(if smoke { 60 } else { 300 }));
+    println!(
+        "\n## Several nodes on PostgreSQL{}\n",
+        if smoke { " (smoke)" } else { "" }
+    );
+    let admin = pg_admin(&a.pg_url).await?;
+    let setting = |name: &'static str| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_one(&format!("SHOW {name}"), &[])
+                .await
+                .map(|r| r.get::<_, String>(0))
+        }
+    };
+    let (fsync, sync_commit) = (
+        setting("fsync").await?,
+        setting("synchronous_commit").await?,
+    );
+    if fsync != "on" || sync_commit != "on" {
+        bail!(
+            "PostgreSQL runs with fsync={fsync}, synchronous_commit={sync_commit}: not the \
+             durability the other scenarios measure"
+        );
+    }
+    let version = setting("server_version").await?;
+    let mut phases = Vec::new();
+    for round in 0..rounds {
+        let mut counts = a.node_counts.clone();
+        if round % 2 == 1 {
+            counts.reverse();
+        }
+        for &k in &counts {
+            let db = format!("cairn_bench_{}_{k}", stamp().to_lowercase());
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .await?;
+            let url = with_database(&a.pg_url, &db)?;
+            eprintln!("- round {round}: {k} node(s), {n} runs at C={c}");
+            let res = async {
+                let mut stack =
+                    systems::start_cairn_nodes(paths, &format!("nodes-{k}"), c, &url, k).await?;
+                let res = async {
+                    let (s0, c0) = db_counters(&stack).await?;
+                    let pg0 = procs::cpu_of_all("postgres");
+                    let r =
+                        measure(&mut stack, &format!("{k} node(s)"), 1024, c, n, budget).await?;
+                    let pg1 = procs::cpu_of_all("postgres");
+                    let (s1, c1) = db_counters(&stack).await?;
+                    Ok::<_, anyhow::Error>((r, s1 - s0, c1 - c0, pg1 - pg0))
+                }
+                .await;
+                stack.stop();
+                res
+            }
+            .await;
+            admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .await?;
+            let (r, statements, calls, pg_cpu) = res?;
+            // The counters bracket `measure`'s warm-up too; count its runs in.
+            let counted = (r.runs_ok + warmup_runs(n, c)) as f64;
+            let server_cpu: f64 = r
+                .processes
+                .iter()
+                .filter(|p| p.role == "server")
+                .map(|p| p.cpu_s)
+                .sum();
+            let phase = NodesPhase {
+                round,
+                nodes: k,
+                server_cpu_s_per_1000_runs: server_cpu / r.runs_ok.max(1) as f64 * 1000.0,
+                postgres_cpu_s_per_1000_runs: pg_cpu / counted * 1000.0,
+                statements_per_run: statements / counted,
+                statements_per_call: statements / calls.max(1.0),
+                calls_per_run: calls / counted,
+                result: r,
+            };
+            eprintln!(
+                "    {:.1} runs/s, p50 {:.1} ms, server CPU {:.2} s/1k runs, PostgreSQL CPU {:.2} s/1k runs, {:.2} statements per call, errors {}",
+                phase.result.runs_per_s,
+                phase.result.latency_ms.p50,
+                phase.server_cpu_s_per_1000_runs,
+                phase.postgres_cpu_s_per_1000_runs,
+                phase.statements_per_call,
+                phase.result.errors
+            );
+            phases.push(phase);
+        }
+    }
+    let mut md = String::from("## Several nodes on PostgreSQL\n\n");
+    md.push_str(&format!(
+        "`cairn dev` nodes sharing one PostgreSQL {version} database (fsync=on, synchronous_commit=on), each phase on a fresh database and fresh processes; one Rust SDK app; the founding function at C={c}, 1 KiB, {n} measured runs after a warm-up, run i sent to node i mod k and awaited there. Statements are counted by each node (`cairn_db_statements_total`, BEGIN and COMMIT included) over warm-up and measured runs; an SDK call is one request to the app (4 per run: 3 steps and the final return).\n\n"
+    ));
+    md.push_str("| round | nodes | runs/s | p50 ms | p99 ms | server CPU-s /1k runs (all nodes) | PostgreSQL CPU-s /1k runs | app CPU-s /1k runs | statements / run | statements / SDK call | ok / errors |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for p in &phases {
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {} / {} |\n",
+            p.round,
+            p.nodes,
+            p.result.runs_per_s,
+            p.result.latency_ms.p50,
+            p.result.latency_ms.p99,
+            p.server_cpu_s_per_1000_runs,
+            p.postgres_cpu_s_per_1000_runs,
+            p.result.app().map_or(f64::NAN, |x| x.cpu_s_per_1000_runs),
+            p.statements_per_run,
+            p.statements_per_call,
+            p.result.runs_ok,
+            p.result.errors
+        ));
+    }
+    let pooled = |k: usize| {
+        let ps: Vec<&NodesPhase> = phases.iter().filter(|p| p.nodes == k).collect();
+        let ok: usize = ps.iter().map(|p| p.result.runs_ok).sum();
+        let wall: f64 = ps.iter().map(|p| p.result.wall_s).sum();
+        (ok as f64 / wall.max(1e-9), ps.len())
+    };
+    if let (Some(&lo), Some(&hi)) = (a.node_counts.first(), a.node_counts.last()) {
+        if lo != hi {
+            let ((x, _), (y, _)) = (pooled(hi), pooled(lo));
+            md.push_str(&format!(
+                "\n{hi} nodes vs {lo}: {:.2}× the runs/s (pooled over rounds).\n",
+                x / y
+            ));
+        }
+    }
+    println!("{md}");
+    let errors: usize = phases.iter().map(|p| p.result.errors).sum();
+    let path = report::write_json(
+        &paths.results_dir,
+        &format!(
+            "{}nodes-{}.json",
+            if smoke { "smoke-" } else { "" },
+            stamp()
+        ),
+        &json!({ "machine": machine_description().trim(), "smoke": smoke, "postgres": version, "phases": phases }),
+    )?;
+    println!("results: {}", path.display());
+    if errors > 0 {
+        bail!("{errors} runs failed in the nodes scenario");
     }
     Ok(md)
 }

@@ -133,6 +133,22 @@ impl Snap {
     }
 }
 
+/// CPU seconds used so far by every process named `comm` (e.g. all of PostgreSQL's backends).
+/// A process that exits between two readings takes its share with it.
+pub fn cpu_of_all(comm: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return f64::NAN;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim_end() == comm)
+        })
+        .filter_map(|pid| Snap::of(pid).map(|s| s.cpu_s))
+        .sum()
+}
+
 fn clk_tck() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

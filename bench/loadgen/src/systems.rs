@@ -26,6 +26,11 @@ pub const KEYED_LIMIT: u32 = 10;
 pub const CAIRN_DURABILITY: &str =
     "SQLite WAL, synchronous=FULL: every commit is fsynced before the event or step is acknowledged";
 
+/// What Cairn on PostgreSQL promises with the server's defaults (checked by the nodes
+/// scenario, which reads `fsync` and `synchronous_commit` back).
+pub const PG_DURABILITY: &str =
+    "PostgreSQL fsync=on, synchronous_commit=on: every commit is flushed to the WAL on disk before the event or step is acknowledged";
+
 /// Where the binaries and apps are; filled from flags or the environment `bench/run` sets.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Paths {
@@ -96,7 +101,8 @@ pub enum Driver {
     /// `GET /v1/runs/{id}?wait_ms=…`; without it, by paced polls (what a server from before
     /// `wait_ms` needs; see `load::cairn_run`).
     Cairn {
-        base: String,
+        /// Nodes to send to: run i goes to `bases[i % len]` and is awaited there.
+        bases: Vec<String>,
         event: String,
         tenants: usize,
         hot_every: usize,
@@ -111,6 +117,8 @@ pub struct Stack {
     pub system: String,
     pub durability: String,
     pub server: Proc,
+    /// Further `cairn` nodes sharing the first one's database (the nodes scenario).
+    pub more_servers: Vec<Proc>,
     pub app: Proc,
     pub driver: Driver,
     pub http: reqwest::Client,
@@ -120,11 +128,17 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub fn procs(&self) -> [&Proc; 2] {
-        [&self.server, &self.app]
+    pub fn procs(&self) -> Vec<&Proc> {
+        let mut all = vec![&self.server];
+        all.extend(&self.more_servers);
+        all.push(&self.app);
+        all
     }
     pub fn check_alive(&mut self) -> Result<()> {
         self.server.check_alive()?;
+        for s in &mut self.more_servers {
+            s.check_alive()?;
+        }
         self.app.check_alive()
     }
     pub fn data_bytes(&self) -> u64 {
@@ -158,6 +172,9 @@ impl Stack {
         // The app first, so the server sees no half-finished calls on its way down.
         self.app.stop();
         self.server.stop();
+        for mut s in self.more_servers {
+            s.stop();
+        }
     }
 }
 
@@ -213,9 +230,10 @@ pub async fn start_cairn(paths: &Paths, kind: AppKind, tag: &str, pool: usize) -
         system: kind.label().to_string(),
         durability: CAIRN_DURABILITY.to_string(),
         server,
+        more_servers: Vec::new(),
         app,
         driver: Driver::Cairn {
-            base,
+            bases: vec![base],
             event: EVENT.to_string(),
             tenants: 0,
             hot_every: 0,
@@ -223,6 +241,88 @@ pub async fn start_cairn(paths: &Paths, kind: AppKind, tag: &str, pool: usize) -
         },
         http,
         data: db,
+        app_port: APP_PORT,
+    })
+}
+
+/// `nodes` × `cairn dev` sharing one PostgreSQL database (ports 8288, 8289, …) plus the
+/// Rust app, synced through the first node; returns once every node lists the function.
+pub async fn start_cairn_nodes(
+    paths: &Paths,
+    tag: &str,
+    pool: usize,
+    db_url: &str,
+    nodes: usize,
+) -> Result<Stack> {
+    let dir = fresh_dir(paths, tag)?;
+    let http = http_client(pool)?;
+    let mut servers = Vec::new();
+    let mut bases = Vec::new();
+    for i in 0..nodes.max(1) {
+        let port = CAIRN_PORT + i as u16;
+        let mut cmd = Command::new(&paths.cairn_bin);
+        cmd.args(["dev", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--database-url")
+            .arg(db_url)
+            .env("RUST_LOG", "warn")
+            .env("DO_NOT_TRACK", "1");
+        let mut server = Proc::spawn("server", &format!("cairn-{i}"), cmd, &dir)?;
+        procs::wait_port(port, Duration::from_secs(30), &mut server).await?;
+        let base = format!("http://127.0.0.1:{port}");
+        wait_http_ok(
+            &http,
+            &format!("{base}/health"),
+            Duration::from_secs(20),
+            &mut server,
+        )
+        .await?;
+        servers.push(server);
+        bases.push(base);
+    }
+    let mut app = start_app(paths, AppKind::Rust, &dir, &bases[0])?;
+    procs::wait_port(APP_PORT, Duration::from_secs(60), &mut app).await?;
+    sync_app(&http, &bases[0], AppKind::Rust, &mut app).await?;
+    // The other nodes load the synced app from the database on their next refresh.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for base in &bases[1..] {
+        let fns = format!("{base}/v1/apps/{}/functions", AppKind::Rust.app_id());
+        loop {
+            let listed = match http.get(&fns).send().await {
+                Ok(r) => r
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|v| v["data"].as_array().is_some_and(|a| !a.is_empty())),
+                Err(_) => false,
+            };
+            if listed {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{base} did not load the synced app within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let server = servers.remove(0);
+    Ok(Stack {
+        system: format!(
+            "Cairn × {} node{} (PostgreSQL) + Rust SDK",
+            bases.len(),
+            if bases.len() == 1 { "" } else { "s" }
+        ),
+        durability: PG_DURABILITY.to_string(),
+        server,
+        more_servers: servers,
+        app,
+        driver: Driver::Cairn {
+            bases,
+            event: EVENT.to_string(),
+            tenants: 0,
+            hot_every: 0,
+            long_poll: true,
+        },
+        http,
+        data: dir.join("no-sqlite-file"),
         app_port: APP_PORT,
     })
 }
@@ -438,6 +538,7 @@ pub async fn start_restate(paths: &Paths, tag: &str, pool: usize) -> Result<Stac
         system: "Restate + Rust SDK".to_string(),
         durability,
         server,
+        more_servers: Vec::new(),
         app,
         driver: Driver::Restate { ingress },
         http,

@@ -590,9 +590,8 @@ async fn get_run(State(engine): S, Path(id): Path<String>, Query(q): Query<RunQu
         if run.status != RunStatus::Running || waiter.is_none() || now >= deadline {
             return wrap(run_json(&run));
         }
-        // Ends committed outside the executor (cancellations) wake nobody: re-check now
-        // and then.
-        let recheck = (deadline - now).min(Duration::from_millis(500));
+        // Ends nobody announces (see `recheck_every`) wake nobody: re-check now and then.
+        let recheck = (deadline - now).min(engine.run_waiters.recheck_every());
         tokio::select! {
             _ = async { if let Some(w) = woken.as_mut().as_pin_mut() { w.await } } => {}
             _ = tokio::time::sleep(recheck) => {}
@@ -790,6 +789,11 @@ async fn app_functions(State(engine): S, Path(app): Path<String>) -> Response {
 async fn metrics(State(engine): S) -> Response {
     if let Ok(depth) = engine.store.queue_depth().await {
         metrics::gauge!("cairn_queue_depth").set(depth as f64);
+    }
+    // Counted by the PostgreSQL store without touching the recorder on every statement.
+    let statements = crate::store::postgres::statements_sent();
+    if statements > 0 {
+        metrics::counter!("cairn_db_statements_total").absolute(statements);
     }
     (
         [("content-type", "text/plain; version=0.0.4")],

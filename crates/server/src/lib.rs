@@ -194,6 +194,7 @@ impl Server {
             tokio::spawn(timers::run_retention(engine.clone())),
             tokio::spawn(registry::run_refresh(engine.clone())),
             tokio::spawn(metrics_export::run_upkeep(engine.shutdown.clone())),
+            tokio::spawn(waiters::run_remote_ends(engine.clone())),
         ];
         let app = api::router(engine.clone());
         let mut sd = engine.shutdown.clone();

@@ -4,6 +4,7 @@
 //! Only runs somebody waits on have an entry, and the entry goes when its last waiter does,
 //! so the table is bounded by the number of open requests.
 
+use crate::Engine;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use tokio::sync::Notify;
 #[derive(Default)]
 pub struct RunWaiters {
     inner: Mutex<HashMap<String, (Arc<Notify>, usize)>>,
+    /// Every run end is announced here, whoever committed it (a shared store's feed runs).
+    fed: std::sync::atomic::AtomicBool,
 }
 
 /// One registered waiter; dropping it unregisters.
@@ -45,6 +48,17 @@ impl RunWaiters {
         }
     }
 
+    /// How often a waiter re-reads its run in case an end went unannounced: often when only
+    /// this node's executor announces ends (API and event cancellations do not), seldom when
+    /// the store's feed announces all of them and re-reads only cover a feed that fell behind.
+    pub fn recheck_every(&self) -> std::time::Duration {
+        if self.fed.load(std::sync::atomic::Ordering::Relaxed) {
+            std::time::Duration::from_secs(5)
+        } else {
+            std::time::Duration::from_millis(500)
+        }
+    }
+
     /// Runs with waiters (for tests and metrics).
     pub fn len(&self) -> usize {
         self.inner.lock().len()
@@ -53,6 +67,29 @@ impl RunWaiters {
     /// True when nobody waits.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Wake this node's waiters for runs other nodes end (shared stores only), until shutdown.
+pub async fn run_remote_ends(engine: Arc<Engine>) {
+    let Some(mut ends) = engine.store.run_ends() else {
+        return;
+    };
+    engine
+        .run_waiters
+        .fed
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut shutdown = engine.shutdown.clone();
+    loop {
+        tokio::select! {
+            r = ends.recv() => match r {
+                Ok(run_id) => engine.run_waiters.ended(&run_id),
+                // Missed ids: their waiters find the end on their next re-read.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = shutdown.changed() => return,
+        }
     }
 }
 

@@ -194,3 +194,71 @@ async fn a_sync_on_one_node_reaches_the_others() {
     b.shutdown().await;
     finish(a, schema).await;
 }
+
+/// A run ended on one node answers a `wait_ms` request held by another at once: the end is
+/// announced through the database, not found by the other node's next re-read (5 s apart
+/// when the feed runs).
+#[tokio::test]
+async fn a_run_ended_on_one_node_answers_a_wait_on_another() {
+    use cairn_server::store::{PgOptions, PostgresStore};
+    use std::time::{Duration, Instant};
+    let (a, schema) = pg_server().await;
+    let store = PostgresStore::connect(
+        &pg_support::pg_url(),
+        PgOptions {
+            pool_size: 4,
+            schema: Some(schema.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("second node's store");
+    let b = cairn_server::Server::start(
+        cairn_server::Config::dev("127.0.0.1:0".parse().unwrap()),
+        std::sync::Arc::new(store),
+    )
+    .await
+    .unwrap();
+    let b_base = format!("http://{}", b.addr());
+    let app = FakeApp::start(
+        "ends",
+        vec![FakeFn::new(
+            "f",
+            "test/ends",
+            vec![Step::Wait("w", "test/never", None, "1h")],
+        )],
+    )
+    .await;
+    a.register(&app).await;
+    let ids = a.send(json!({"name": "test/ends"})).await;
+    let run_id = a.runs_of(&ids[0], 1).await[0]["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The run is parked on its wait; B is asked to hold the answer until it ends.
+    let waiting = tokio::spawn({
+        let url = format!("{b_base}/v1/runs/{run_id}?wait_ms=20000");
+        async move {
+            let v: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+            (v, Instant::now())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "B answered before the run ended");
+    let cancelled_at = Instant::now();
+    let r = reqwest::Client::new()
+        .delete(format!("{}/v1/runs/{run_id}", a.base))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let (v, answered_at) = waiting.await.unwrap();
+    assert_eq!(v["data"]["status"], "Cancelled", "{v}");
+    let after = answered_at - cancelled_at;
+    assert!(
+        after < Duration::from_secs(3),
+        "B answered {after:?} after the cancel on A"
+    );
+    b.shutdown().await;
+    finish(a, schema).await;
+}

@@ -629,6 +629,13 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Cancel a running run (API). Returns false if it was not running.
     async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool>;
+    /// Ids of runs as they end, whichever process sharing the store ended them, so that a
+    /// `wait_ms` request held by this node hears of an end committed by another. `None` for
+    /// a backend one process owns (its executor reports every end itself). The channel is
+    /// bounded: a receiver that falls behind loses ids, and waiters fall back to re-reading.
+    fn run_ends(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
+    }
 
     /// Lease up to `limit` due items to `owner` until `lease_until`.
     async fn claim(

@@ -79,7 +79,6 @@ pub(super) async fn create_run<C: GenericClient>(
     c: &C,
     r: &NewRun,
     now: i64,
-    held_lock: &str,
     matcher: &dyn PauseMatcher,
 ) -> R<bool> {
     // A redelivered event must not use up a rate limit or join a batch twice.
@@ -156,7 +155,7 @@ pub(super) async fn create_run<C: GenericClient>(
         insert_pause(c, p).await?;
     }
     for p in &r.pauses {
-        if cancelled_by_earlier_match(c, p, held_lock, matcher, now).await? {
+        if cancelled_by_earlier_match(c, p, matcher, now).await? {
             break;
         }
     }
@@ -171,14 +170,12 @@ pub(super) async fn create_run<C: GenericClient>(
 async fn cancelled_by_earlier_match<C: GenericClient>(
     c: &C,
     p: &Pause,
-    held_lock: &str,
     matcher: &dyn PauseMatcher,
     now: i64,
 ) -> R<bool> {
-    let name_lock = event_lock(&p.event_name);
-    if name_lock != held_lock {
-        lock(c, &name_lock).await?;
-    }
+    // Exclusive, like every pause insert, even when the trigger's shared lock on the same
+    // name is held (an upgrade; two such upgrades deadlock, and the retry resolves it).
+    lock(c, &event_lock(&p.event_name)).await?;
     let later = query(
         c,
         &format!(

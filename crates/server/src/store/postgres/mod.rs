@@ -11,8 +11,9 @@
 //!   simply due again. A result is applied only while its lease is still held.
 //! * **Concurrency limits**: claiming takes a transaction-scoped advisory lock per key
 //!   before counting holders, so two nodes cannot both take a key's last slot.
-//! * **Waits**: matching an event against pauses and inserting a pause both take an
-//!   advisory lock on the event name, so one of them always sees the other (see
+//! * **Waits**: matching an event against pauses takes an advisory lock on the event name in
+//!   shared mode and inserting a pause takes it exclusively, so a pause and an event always
+//!   see each other while events of one name still apply side by side (see
 //!   [`Store::event_high_water`] on this type for how "after the wait started" is decided).
 //!   Cancel rules, created with their run, are also checked against later events another
 //!   node may already have matched.
@@ -145,6 +146,64 @@ pub struct PostgresStore {
     pool: Pool,
     /// When this process last re-checked parked queue items, unix ms.
     last_repair: std::sync::atomic::AtomicI64,
+    /// Where the `LISTEN` connection for [`Store::run_ends`] goes (the pool's settings).
+    listen_cfg: tokio_postgres::Config,
+    /// Fan-out of [`RUN_ENDED`] notifications, started by the first [`Store::run_ends`].
+    ends: std::sync::OnceLock<tokio::sync::broadcast::Sender<String>>,
+}
+
+/// Channel on which every run end is announced (payload: the run id), at commit.
+const RUN_ENDED: &str = "cairn_run_ended";
+
+/// Run ends buffered for a slow listener before the oldest are dropped.
+const RUN_ENDS_BUFFER: usize = 1024;
+
+/// Relays [`RUN_ENDED`] notifications to `tx` over a connection of its own, reconnecting
+/// after errors, until nobody holds a receiver.
+async fn listen_for_ends(cfg: tokio_postgres::Config, tx: tokio::sync::broadcast::Sender<String>) {
+    use futures::StreamExt;
+    let mut idle_check = tokio::time::interval(Duration::from_secs(5));
+    while tx.receiver_count() > 0 {
+        let (client, mut conn) = match cfg.connect(tokio_postgres::NoTls).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %pg_message(&e), "listening for run ends: connecting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        let sql = format!("LISTEN {RUN_ENDED}");
+        let listen = client.batch_execute(&sql);
+        tokio::pin!(listen);
+        let mut listening = false;
+        loop {
+            tokio::select! {
+                r = &mut listen, if !listening => match r {
+                    Ok(()) => listening = true,
+                    Err(e) => {
+                        tracing::warn!(error = %pg_message(&e), "listening for run ends");
+                        break;
+                    }
+                },
+                m = messages.next() => match m {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                        let _ = tx.send(n.payload().to_string());
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %pg_message(&e), "listening for run ends: connection lost");
+                        break;
+                    }
+                    None => break,
+                },
+                _ = idle_check.tick() => if tx.receiver_count() == 0 {
+                    return;
+                },
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Errors inside a transaction: PostgreSQL's own (some retryable) or the engine's.
@@ -270,6 +329,21 @@ async fn lock<C: GenericClient>(c: &C, key: &str) -> R<()> {
     Ok(())
 }
 
+/// Take the transaction-scoped lock on `key` in shared mode. Event names are locked this
+/// way by everything that matches an event against pauses, and exclusively by everything
+/// that inserts a pause: events of one name apply side by side (two racing for one pause
+/// settle it on the pause's row), while a new pause and a new event of its name always see
+/// each other, whichever commits first.
+async fn lock_shared<C: GenericClient>(c: &C, key: &str) -> R<()> {
+    query(
+        c,
+        "SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0))",
+        &[&key],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Lock several keys in one round trip, in sorted order so two transactions locking
 /// overlapping sets cannot deadlock on each other.
 async fn lock_all<C: GenericClient>(c: &C, keys: &mut Vec<String>) -> R<()> {
@@ -363,6 +437,110 @@ fn kind_str(k: PauseKind) -> String {
 
 fn item_kind(s: &str) -> ItemKind {
     serde_json::from_str(s).unwrap_or(ItemKind::Finalize)
+}
+
+/// Applies a stored event inside the caller's transaction, which holds the event name's
+/// lock (shared): creates
+/// the planned runs, stores `extra_events`, resumes the pauses the event matches (waits
+/// started before transaction id `xid` ended; see [`Store::event_high_water`]) and marks
+/// the event processed. Returns the ids of the runs created.
+#[allow(clippy::too_many_arguments)]
+async fn apply_stored_event<C: GenericClient>(
+    tx: &C,
+    event: &StoredEvent,
+    xid: i64,
+    runs: &[NewRun],
+    extra_events: &[NewEvent],
+    matcher: &dyn PauseMatcher,
+    now: i64,
+) -> R<Vec<String>> {
+    let mut created = Vec::new();
+    for r in runs {
+        if flow::create_run(tx, r, now, matcher).await? {
+            created.push(r.run_id.clone());
+        }
+    }
+    for e in extra_events {
+        insert_event(tx, e).await?;
+    }
+    // Only finish events resume invokes; a user event that happens to carry
+    // a correlation_id must still reach ordinary waits.
+    let correlation = (event.name == "inngest/function.finished")
+        .then(|| {
+            event
+                .event
+                .pointer("/data/correlation_id")
+                .and_then(Value::as_str)
+        })
+        .flatten();
+    let mut pauses: Vec<Pause> = query(
+        tx,
+        &format!(
+            "SELECT {PAUSE_COLS} FROM pauses WHERE event_name=$1 AND correlation IS NULL
+                 AND (CASE WHEN kind = 'cancel' THEN since_seq < $2 ELSE since_seq <= $3 END)"
+        ),
+        &[&event.name, &event.seq, &xid],
+    )
+    .await?
+    .iter()
+    .map(row_pause)
+    .collect();
+    if let Some(corr) = correlation {
+        let by_corr = query(
+            tx,
+            &format!("SELECT {PAUSE_COLS} FROM pauses WHERE correlation=$1"),
+            &[&corr],
+        )
+        .await?;
+        pauses.extend(by_corr.iter().map(row_pause));
+    }
+    for p in pauses {
+        if p.event_name != event.name || p.expires_at < now {
+            continue;
+        }
+        if matcher.matches(&p, &event.event) {
+            resume_pause(tx, &p, &event.event, now).await?;
+        }
+    }
+    exec(
+        tx,
+        "UPDATE events SET processed=true WHERE seq=$1",
+        &[&event.seq],
+    )
+    .await?;
+    exec(
+        tx,
+        "UPDATE events SET processed=true WHERE seq=$1",
+        &[&event.seq],
+    )
+    .await?;
+    Ok(created)
+}
+
+/// Stores a new event; its sequence number and transaction id, or `None` when an event with
+/// its internal id is already stored.
+async fn insert_new_event<C: GenericClient>(c: &C, e: &NewEvent) -> R<Option<(i64, i64)>> {
+    let name = e
+        .event
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let user_id = e.event.get("id").and_then(Value::as_str);
+    Ok(query_opt(
+        c,
+        "INSERT INTO events(internal_id, user_id, name, body, received_at, target_fn)
+         VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (internal_id) DO NOTHING RETURNING seq, xid",
+        &[
+            &e.internal_id,
+            &user_id,
+            &name,
+            &j(&e.event),
+            &e.received_at,
+            &e.target_fn,
+        ],
+    )
+    .await?
+    .map(|r| (r.get(0), r.get(1))))
 }
 
 async fn insert_event<C: GenericClient>(c: &C, e: &NewEvent) -> R<i64> {
@@ -487,6 +665,8 @@ async fn finish_run<C: GenericClient>(c: &C, run_id: &str, finish: &Finish, now:
     exec(c, "DELETE FROM debounces WHERE run_id=$1", &[&run_id]).await?;
     exec(c, "DELETE FROM batches WHERE run_id=$1", &[&run_id]).await?;
     exec(c, "DELETE FROM pauses WHERE run_id=$1", &[&run_id]).await?;
+    // Delivered at commit to every node, so a `wait_ms` request held elsewhere returns now.
+    exec(c, "SELECT pg_notify($1, $2)", &[&RUN_ENDED, &run_id]).await?;
     insert_item(
         c,
         &NewItem {
@@ -961,6 +1141,7 @@ impl PostgresStore {
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(Duration::from_secs(10));
         }
+        let listen_cfg = cfg.clone();
         let mgr = Manager::from_config(
             cfg,
             tokio_postgres::NoTls,
@@ -1051,6 +1232,8 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool,
             last_repair: Default::default(),
+            listen_cfg,
+            ends: std::sync::OnceLock::new(),
         })
     }
 
@@ -1136,8 +1319,7 @@ impl Store for PostgresStore {
         now: i64,
     ) -> StoreResult<Vec<String>> {
         in_tx!(self, |tx| {
-            let name_lock = event_lock(&event.name);
-            lock(&tx, &name_lock).await?;
+            lock_shared(&tx, &event_lock(&event.name)).await?;
             // Another node may have matched it while this one waited for the lock.
             let state = query_opt(
                 &tx,
@@ -1150,61 +1332,92 @@ impl Store for PostgresStore {
                 Some(r) => r.get(1),
                 None => i64::MAX,
             };
-            let mut created = Vec::new();
-            for r in &runs {
-                if flow::create_run(&tx, r, now, &name_lock, matcher.as_ref()).await? {
-                    created.push(r.run_id.clone());
-                }
-            }
-            for e in &extra_events {
-                insert_event(&tx, e).await?;
-            }
-            // Only finish events resume invokes; a user event that happens to carry
-            // a correlation_id must still reach ordinary waits.
-            let correlation = (event.name == "inngest/function.finished")
-                .then(|| {
-                    event
-                        .event
-                        .pointer("/data/correlation_id")
-                        .and_then(Value::as_str)
-                })
-                .flatten();
-            let mut pauses: Vec<Pause> = query(
+            apply_stored_event(
                 &tx,
-                &format!(
-                    "SELECT {PAUSE_COLS} FROM pauses WHERE event_name=$1 AND correlation IS NULL
-                     AND (CASE WHEN kind = 'cancel' THEN since_seq < $2 ELSE since_seq <= $3 END)"
-                ),
-                &[&event.name, &event.seq, &xid],
+                &event,
+                xid,
+                &runs,
+                &extra_events,
+                matcher.as_ref(),
+                now,
+            )
+            .await
+        })
+    }
+
+    async fn insert_and_apply(
+        &self,
+        events: Vec<(NewEvent, Vec<NewRun>)>,
+        matcher: Arc<dyn PauseMatcher>,
+        now: i64,
+        lease: (String, i64, usize),
+    ) -> StoreResult<(bool, Vec<QueueItem>)> {
+        in_tx!(self, |tx| {
+            let (owner, lease_until, max) = &lease;
+            // No event overtakes an older one of its name that is still unapplied (say, one a
+            // crashed node stored): behind such a backlog these wait their turn in the
+            // matcher. Other names' backlogs (finish events the matcher has yet to take)
+            // do not hold them up: no wait or cancel rule compares events across names.
+            let names: Vec<&str> = events
+                .iter()
+                .map(|(e, _)| {
+                    e.event
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                })
+                .collect();
+            let backlog = query_opt(
+                &tx,
+                "SELECT 1 FROM events WHERE NOT processed AND name = ANY($1) LIMIT 1",
+                &[&names],
             )
             .await?
-            .iter()
-            .map(row_pause)
-            .collect();
-            if let Some(corr) = correlation {
-                let by_corr = query(
-                    &tx,
-                    &format!("SELECT {PAUSE_COLS} FROM pauses WHERE correlation=$1"),
-                    &[&corr],
-                )
-                .await?;
-                pauses.extend(by_corr.iter().map(row_pause));
+            .is_some();
+            if backlog {
+                for (e, _) in &events {
+                    insert_event(&tx, e).await?;
+                }
+                return Ok((false, Vec::new()));
             }
-            for p in pauses {
-                if p.event_name != event.name || p.expires_at < now {
+            let mut leased = Vec::new();
+            for (e, runs) in &events {
+                let name = e
+                    .event
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                lock_shared(&tx, &event_lock(&name)).await?;
+                let Some((seq, xid)) = insert_new_event(&tx, e).await? else {
                     continue;
+                };
+                let stored = StoredEvent {
+                    seq,
+                    internal_id: e.internal_id.clone(),
+                    name,
+                    event: e.event.clone(),
+                    received_at: e.received_at,
+                    target_fn: e.target_fn.clone(),
+                };
+                // Runs were planned before the event had a sequence number.
+                let mut runs = runs.clone();
+                for r in &mut runs {
+                    for p in &mut r.pauses {
+                        p.since_seq = seq;
+                    }
                 }
-                if matcher.matches(&p, &event.event) {
-                    resume_pause(&tx, &p, &event.event, now).await?;
+                let created =
+                    apply_stored_event(&tx, &stored, xid, &runs, &[], matcher.as_ref(), now)
+                        .await?;
+                for run_id in created {
+                    if leased.len() >= *max {
+                        break;
+                    }
+                    leased.extend(lease_next(&tx, &run_id, owner, now, *lease_until).await?);
                 }
             }
-            exec(
-                &tx,
-                "UPDATE events SET processed=true WHERE seq=$1",
-                &[&event.seq],
-            )
-            .await?;
-            Ok(created)
+            Ok((true, leased))
         })
     }
 
@@ -1459,6 +1672,15 @@ impl Store for PostgresStore {
             apply_inner(&tx, &apply, matcher.as_ref(), now).await?;
             lease_next(&tx, &apply.run_id, owner, now, lease_until).await
         })
+    }
+
+    fn run_ends(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        let tx = self.ends.get_or_init(|| {
+            let (tx, _) = tokio::sync::broadcast::channel(RUN_ENDS_BUFFER);
+            tokio::spawn(listen_for_ends(self.listen_cfg.clone(), tx.clone()));
+            tx
+        });
+        Some(tx.subscribe())
     }
 
     async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool> {
