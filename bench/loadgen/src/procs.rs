@@ -142,8 +142,7 @@ pub fn cpu_of_all(comm: &str) -> f64 {
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim_end() == comm)
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
         })
         .filter_map(|pid| Snap::of(pid).map(|s| s.cpu_s))
         .sum()

@@ -440,10 +440,10 @@ fn item_kind(s: &str) -> ItemKind {
 }
 
 /// Applies a stored event inside the caller's transaction, which holds the event name's
-/// lock (shared): creates
-/// the planned runs, stores `extra_events`, resumes the pauses the event matches (waits
-/// started before transaction id `xid` ended; see [`Store::event_high_water`]) and marks
-/// the event processed. Returns the ids of the runs created.
+/// lock (shared): creates the planned runs, stores `extra_events` and resumes the pauses the
+/// event matches (waits started before transaction id `xid` ended; see
+/// [`Store::event_high_water`]). The caller marks the event processed. Returns the ids of
+/// the runs created.
 #[allow(clippy::too_many_arguments)]
 async fn apply_stored_event<C: GenericClient>(
     tx: &C,
@@ -502,23 +502,12 @@ async fn apply_stored_event<C: GenericClient>(
             resume_pause(tx, &p, &event.event, now).await?;
         }
     }
-    exec(
-        tx,
-        "UPDATE events SET processed=true WHERE seq=$1",
-        &[&event.seq],
-    )
-    .await?;
-    exec(
-        tx,
-        "UPDATE events SET processed=true WHERE seq=$1",
-        &[&event.seq],
-    )
-    .await?;
     Ok(created)
 }
 
-/// Stores a new event; its sequence number and transaction id, or `None` when an event with
-/// its internal id is already stored.
+/// Stores a new event, already marked processed (the caller applies it in the same
+/// transaction); its sequence number and transaction id, or `None` when an event with its
+/// internal id is already stored.
 async fn insert_new_event<C: GenericClient>(c: &C, e: &NewEvent) -> R<Option<(i64, i64)>> {
     let name = e
         .event
@@ -528,8 +517,8 @@ async fn insert_new_event<C: GenericClient>(c: &C, e: &NewEvent) -> R<Option<(i6
     let user_id = e.event.get("id").and_then(Value::as_str);
     Ok(query_opt(
         c,
-        "INSERT INTO events(internal_id, user_id, name, body, received_at, target_fn)
-         VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (internal_id) DO NOTHING RETURNING seq, xid",
+        "INSERT INTO events(internal_id, user_id, name, body, received_at, target_fn, processed)
+         VALUES ($1,$2,$3,$4,$5,$6,true) ON CONFLICT (internal_id) DO NOTHING RETURNING seq, xid",
         &[
             &e.internal_id,
             &user_id,
@@ -658,15 +647,22 @@ async fn finish_run<C: GenericClient>(c: &C, run_id: &str, finish: &Finish, now:
         return Ok(false);
     }
     let held = flow::run_keys(c, run_id, now).await?;
-    exec(c, "DELETE FROM queue WHERE run_id=$1", &[&run_id]).await?;
+    // Everything the run still owns goes in one round trip (data-modifying CTEs run whether
+    // or not the outer query reads them), and the end is announced: the notification is
+    // delivered at commit to every node, so a `wait_ms` request held elsewhere returns now.
+    exec(
+        c,
+        "WITH q AS (DELETE FROM queue WHERE run_id=$1),
+              d AS (DELETE FROM debounces WHERE run_id=$1),
+              b AS (DELETE FROM batches WHERE run_id=$1),
+              p AS (DELETE FROM pauses WHERE run_id=$1)
+         SELECT pg_notify($2, $1)",
+        &[&run_id, &RUN_ENDED],
+    )
+    .await?;
     for key in &held {
         flow::free(c, key).await?;
     }
-    exec(c, "DELETE FROM debounces WHERE run_id=$1", &[&run_id]).await?;
-    exec(c, "DELETE FROM batches WHERE run_id=$1", &[&run_id]).await?;
-    exec(c, "DELETE FROM pauses WHERE run_id=$1", &[&run_id]).await?;
-    // Delivered at commit to every node, so a `wait_ms` request held elsewhere returns now.
-    exec(c, "SELECT pg_notify($1, $2)", &[&RUN_ENDED, &run_id]).await?;
     insert_item(
         c,
         &NewItem {
@@ -1332,7 +1328,7 @@ impl Store for PostgresStore {
                 Some(r) => r.get(1),
                 None => i64::MAX,
             };
-            apply_stored_event(
+            let created = apply_stored_event(
                 &tx,
                 &event,
                 xid,
@@ -1341,7 +1337,14 @@ impl Store for PostgresStore {
                 matcher.as_ref(),
                 now,
             )
-            .await
+            .await?;
+            exec(
+                &tx,
+                "UPDATE events SET processed=true WHERE seq=$1",
+                &[&event.seq],
+            )
+            .await?;
+            Ok(created)
         })
     }
 
