@@ -513,29 +513,30 @@ async fn three_nodes_one_killed_repeatedly_every_run_finishes_exactly_once() {
         "{skipped} of {span} cron seconds never fired"
     );
 
-    let c = app.counters.lock();
-    assert!(
-        c.violations.is_empty(),
-        "memoised results lost: {:?}",
-        c.violations
-    );
-    // A step body runs again only when a kill landed between the app running it and the
-    // commit of its result, i.e. it was in flight on the killed node (at most 64 calls each).
-    let reruns: Vec<(&String, &usize)> = c
-        .executed
-        .iter()
-        .filter(|(k, v)| k.contains('/') && **v > 1)
-        .collect();
-    let rerun_total: usize = reruns.iter().map(|(_, v)| **v - 1).sum();
-    eprintln!(
-        "{total} runs in {elapsed:?} with {kills} kills: {rerun_total} step re-executions, \
-         {waits_matched} waits matched, {fired} cron ticks over {span} s ({skipped} skipped)"
-    );
-    assert!(
-        rerun_total <= kills * 64,
-        "{rerun_total} step re-executions for {kills} kills: {reruns:?}"
-    );
-    drop(c);
+    {
+        let c = app.counters.lock();
+        assert!(
+            c.violations.is_empty(),
+            "memoised results lost: {:?}",
+            c.violations
+        );
+        // A step body runs again only when a kill landed between the app running it and the
+        // commit of its result, i.e. it was in flight on the killed node (at most 64 calls each).
+        let reruns: Vec<(&String, &usize)> = c
+            .executed
+            .iter()
+            .filter(|(k, v)| k.contains('/') && **v > 1)
+            .collect();
+        let rerun_total: usize = reruns.iter().map(|(_, v)| **v - 1).sum();
+        eprintln!(
+            "{total} runs in {elapsed:?} with {kills} kills: {rerun_total} step re-executions, \
+             {waits_matched} waits matched, {fired} cron ticks over {span} s ({skipped} skipped)"
+        );
+        assert!(
+            rerun_total <= kills * 64,
+            "{rerun_total} step re-executions for {kills} kills: {reruns:?}"
+        );
+    }
     drop(nodes);
     db.drop_db().await;
 }
