@@ -665,6 +665,67 @@ async fn pg_nodes_never_claim_the_same_item() {
     db.cleanup().await;
 }
 
+/// Two nodes' matchers picking up the same events at once: each event is applied by one of
+/// them, once (events of a name apply side by side under a shared lock, so the event's row
+/// decides), and neither sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_an_event_two_nodes_apply_at_once_takes_effect_once() {
+    let db = Db::pg();
+    let a = db.open().await;
+    let b = db.open().await;
+    a.insert_events((0..40).map(|_| ev("t/both")).collect())
+        .await
+        .unwrap();
+    let events = a.unprocessed_events(100).await.unwrap();
+    assert_eq!(events.len(), 40);
+    let mut created = 0;
+    for e in &events {
+        // Each node plans its own run (its own id) with the idempotency key of the event.
+        // A rate limit of one run per event: applied twice, the event would use it up and
+        // record a dropped run besides the one it started.
+        let plan = |run_id: String| {
+            let flow = RunFlow {
+                rate_limit: Some((
+                    Gcra {
+                        key: format!("rl:{}", e.internal_id),
+                        limit: 1,
+                        period_ms: 60_000,
+                        burst: 0,
+                    },
+                    SkipReason::RateLimit,
+                )),
+                ..Default::default()
+            };
+            let mut run = new_run(e, &run_id, flow);
+            run.idem_key = e.internal_id.clone();
+            vec![run]
+        };
+        let (x, y) = tokio::join!(
+            a.apply_event(
+                e.clone(),
+                plan(format!("A-{}", e.seq)),
+                vec![],
+                matcher(),
+                1
+            ),
+            b.apply_event(
+                e.clone(),
+                plan(format!("B-{}", e.seq)),
+                vec![],
+                matcher(),
+                1
+            )
+        );
+        created += x.expect("node A").len() + y.expect("node B").len();
+        assert_eq!(a.runs_for_event(&e.internal_id).await.unwrap().len(), 1);
+        let skips = a.skips_for_event(&e.internal_id).await.unwrap();
+        assert!(skips.is_empty(), "event {} applied twice: {skips:?}", e.seq);
+    }
+    assert_eq!(created, 40, "runs created over both nodes");
+    assert!(a.unprocessed_events(100).await.unwrap().is_empty());
+    db.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_concurrency_limit_holds_across_nodes() {
     let db = Db::pg();

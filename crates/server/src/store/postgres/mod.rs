@@ -1316,17 +1316,18 @@ impl Store for PostgresStore {
     ) -> StoreResult<Vec<String>> {
         in_tx!(self, |tx| {
             lock_shared(&tx, &event_lock(&event.name)).await?;
-            // Another node may have matched it while this one waited for the lock.
+            // The name lock is shared, so the event's row decides who applies it: a node
+            // finding it taken (or already processed) leaves it to the other. Should the
+            // other roll back, the event is still unprocessed and is picked up again.
             let state = query_opt(
                 &tx,
-                "SELECT processed, xid FROM events WHERE seq=$1",
+                "SELECT processed, xid FROM events WHERE seq=$1 FOR UPDATE SKIP LOCKED",
                 &[&event.seq],
             )
             .await?;
             let xid: i64 = match &state {
-                Some(r) if r.get::<_, bool>(0) => return Ok(Vec::new()),
-                Some(r) => r.get(1),
-                None => i64::MAX,
+                Some(r) if !r.get::<_, bool>(0) => r.get(1),
+                _ => return Ok(Vec::new()),
             };
             let created = apply_stored_event(
                 &tx,
