@@ -227,15 +227,7 @@ async fn ingest(
     let planned: Vec<(NewEvent, Vec<crate::store::NewRun>)> = events
         .into_iter()
         .map(|e| {
-            let provisional = StoredEvent {
-                seq: 0,
-                internal_id: e.internal_id.clone(),
-                name: String::new(),
-                event: e.event.clone(),
-                received_at: e.received_at,
-                target_fn: None,
-            };
-            let (runs, _) = crate::matcher::plan_runs(&engine, &provisional, now);
+            let runs = crate::matcher::plan_new_event(&engine, &e, now);
             (e, runs)
         })
         .collect();

@@ -181,8 +181,12 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option
             return None;
         }
     };
-    let emits_events =
-        !apply.events.is_empty() || !apply.pauses.is_empty() || apply.finish.is_some();
+    // The matcher is woken for events it must apply, and for inline ones that may have been
+    // left to it behind an older unapplied event.
+    let emits_events = !apply.events.is_empty()
+        || !apply.apply_events.is_empty()
+        || !apply.pauses.is_empty()
+        || apply.finish.is_some();
     let finish = apply.finish.as_ref().map(|f| f.status);
     let run_id = apply.run_id.clone();
     let now = engine.now();
@@ -299,19 +303,24 @@ async fn finalize(engine: &Engine, item: &QueueItem) -> anyhow::Result<Apply> {
         received_at: now,
         target_fn: None,
     };
-    apply.events.push(mk(
+    let mut events = vec![mk(
         "inngest/function.finished",
         ulid::Ulid::new().to_string(),
-    ));
+    )];
     match run.status {
-        RunStatus::Failed => apply
-            .events
-            .push(mk("inngest/function.failed", run.run_id.clone())),
-        RunStatus::Cancelled => apply
-            .events
-            .push(mk("inngest/function.cancelled", run.run_id.clone())),
+        RunStatus::Failed => events.push(mk("inngest/function.failed", run.run_id.clone())),
+        RunStatus::Cancelled => events.push(mk("inngest/function.cancelled", run.run_id.clone())),
         _ => {}
     }
+    // Applied in the commit that stores them (an invoking run resumes, onFailure handlers
+    // start), so no matcher on any node has to pick them up.
+    apply.apply_events = events
+        .into_iter()
+        .map(|e| {
+            let runs = crate::matcher::plan_new_event(engine, &e, now);
+            (e, runs)
+        })
+        .collect();
     Ok(apply)
 }
 

@@ -188,6 +188,24 @@ async fn process_event(
     Ok(created.len())
 }
 
+/// The runs a new event will start when it is stored and applied in one commit (ingest,
+/// finalisation): planned before it has a sequence number, which the store fills in.
+pub fn plan_new_event(
+    engine: &crate::Engine,
+    e: &crate::store::NewEvent,
+    now: i64,
+) -> Vec<crate::store::NewRun> {
+    let provisional = crate::store::StoredEvent {
+        seq: 0,
+        internal_id: e.internal_id.clone(),
+        name: String::new(),
+        event: e.event.clone(),
+        received_at: e.received_at,
+        target_fn: e.target_fn.clone(),
+    };
+    plan_runs(engine, &provisional, now).0
+}
+
 /// The runs an event starts (one per matching function, flow control planned), and any
 /// events to emit instead (an invoke of a function that does not exist fails its caller).
 pub fn plan_runs(

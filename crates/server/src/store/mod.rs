@@ -507,8 +507,13 @@ pub struct Apply {
     /// New pauses (waits, invokes); matched immediately against events that
     /// arrived since `since_seq` so no event slips between call and pause.
     pub pauses: Vec<(Pause, NewItem)>,
-    /// Events to emit (finalisation, invocations).
+    /// Events to emit (invocations), applied later by the matcher.
     pub events: Vec<NewEvent>,
+    /// Events to store and apply in this commit, each with the runs planned for it (as
+    /// [`Store::insert_and_apply`] does for ingested events), so no matcher has to pick them
+    /// up: finalisation's lifecycle events. One behind an older unapplied event of its name
+    /// is only stored, and the matcher applies both in order.
+    pub apply_events: Vec<(NewEvent, Vec<NewRun>)>,
     /// Record the SDK's execution version if still undecided.
     pub version: Option<i64>,
     /// Set `disable_immediate_execution`.

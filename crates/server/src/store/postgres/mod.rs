@@ -505,6 +505,58 @@ async fn apply_stored_event<C: GenericClient>(
     Ok(created)
 }
 
+/// Stores a new event and applies it with its planned runs in the caller's transaction.
+/// No event overtakes an older one of its name that is still unapplied (say, one a crashed
+/// node stored): behind such a backlog it is only stored, for the matcher to apply in
+/// order, and `None` is returned. Other names' backlogs do not hold it up: no wait or
+/// cancel rule compares events across names. Returns the runs created.
+async fn insert_and_apply_event<C: GenericClient>(
+    c: &C,
+    e: &NewEvent,
+    runs: &[NewRun],
+    matcher: &dyn PauseMatcher,
+    now: i64,
+) -> R<Option<Vec<String>>> {
+    let name = e
+        .event
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    lock_shared(c, &event_lock(name)).await?;
+    let backlog = query_opt(
+        c,
+        "SELECT 1 FROM events WHERE NOT processed AND name=$1 LIMIT 1",
+        &[&name],
+    )
+    .await?
+    .is_some();
+    if backlog {
+        insert_event(c, e).await?;
+        return Ok(None);
+    }
+    let Some((seq, xid)) = insert_new_event(c, e).await? else {
+        return Ok(Some(Vec::new()));
+    };
+    let stored = StoredEvent {
+        seq,
+        internal_id: e.internal_id.clone(),
+        name: name.to_string(),
+        event: e.event.clone(),
+        received_at: e.received_at,
+        target_fn: e.target_fn.clone(),
+    };
+    // Runs were planned before the event had a sequence number.
+    let mut runs = runs.to_vec();
+    for r in &mut runs {
+        for p in &mut r.pauses {
+            p.since_seq = seq;
+        }
+    }
+    apply_stored_event(c, &stored, xid, &runs, &[], matcher, now)
+        .await
+        .map(Some)
+}
+
 /// Stores a new event, already marked processed (the caller applies it in the same
 /// transaction); its sequence number and transaction id, or `None` when an event with its
 /// internal id is already stored.
@@ -907,6 +959,9 @@ async fn apply_inner<C: GenericClient>(
     for e in &a.events {
         insert_event(c, e).await?;
     }
+    for (e, runs) in &a.apply_events {
+        insert_and_apply_event(c, e, runs, matcher, now).await?;
+    }
     if let Some(id) = &a.reset_attempt {
         exec(c, "UPDATE queue SET attempt=0 WHERE id=$1", &[id]).await?;
     }
@@ -945,6 +1000,7 @@ fn fast_shape(a: &Apply) -> bool {
         && a.dispatch.is_none()
         && a.pauses.is_empty()
         && a.events.is_empty()
+        && a.apply_events.is_empty()
         && a.retry.is_none()
         && a.finish.is_none()
         && a.add_pending.is_empty()
@@ -1358,62 +1414,15 @@ impl Store for PostgresStore {
     ) -> StoreResult<(bool, Vec<QueueItem>)> {
         in_tx!(self, |tx| {
             let (owner, lease_until, max) = &lease;
-            // No event overtakes an older one of its name that is still unapplied (say, one a
-            // crashed node stored): behind such a backlog these wait their turn in the
-            // matcher. Other names' backlogs (finish events the matcher has yet to take)
-            // do not hold them up: no wait or cancel rule compares events across names.
-            let names: Vec<&str> = events
-                .iter()
-                .map(|(e, _)| {
-                    e.event
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                })
-                .collect();
-            let backlog = query_opt(
-                &tx,
-                "SELECT 1 FROM events WHERE NOT processed AND name = ANY($1) LIMIT 1",
-                &[&names],
-            )
-            .await?
-            .is_some();
-            if backlog {
-                for (e, _) in &events {
-                    insert_event(&tx, e).await?;
-                }
-                return Ok((false, Vec::new()));
-            }
+            let mut applied = true;
             let mut leased = Vec::new();
             for (e, runs) in &events {
-                let name = e
-                    .event
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string();
-                lock_shared(&tx, &event_lock(&name)).await?;
-                let Some((seq, xid)) = insert_new_event(&tx, e).await? else {
+                let Some(created) =
+                    insert_and_apply_event(&tx, e, runs, matcher.as_ref(), now).await?
+                else {
+                    applied = false;
                     continue;
                 };
-                let stored = StoredEvent {
-                    seq,
-                    internal_id: e.internal_id.clone(),
-                    name,
-                    event: e.event.clone(),
-                    received_at: e.received_at,
-                    target_fn: e.target_fn.clone(),
-                };
-                // Runs were planned before the event had a sequence number.
-                let mut runs = runs.clone();
-                for r in &mut runs {
-                    for p in &mut r.pauses {
-                        p.since_seq = seq;
-                    }
-                }
-                let created =
-                    apply_stored_event(&tx, &stored, xid, &runs, &[], matcher.as_ref(), now)
-                        .await?;
                 for run_id in created {
                     if leased.len() >= *max {
                         break;
@@ -1421,7 +1430,7 @@ impl Store for PostgresStore {
                     leased.extend(lease_next(&tx, &run_id, owner, now, *lease_until).await?);
                 }
             }
-            Ok((true, leased))
+            Ok((applied, leased))
         })
     }
 

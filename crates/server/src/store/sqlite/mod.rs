@@ -688,6 +688,9 @@ fn apply_inner(
         for e in &a.events {
             insert_event(conn, e)?;
         }
+        for (e, runs) in &a.apply_events {
+            insert_and_apply_event(conn, e, runs, matcher, now)?;
+        }
         if let Some(id) = &a.reset_attempt {
             conn.prepare_cached("UPDATE queue SET attempt=0 WHERE id=?")?
                 .execute([id])?;
@@ -722,6 +725,48 @@ fn apply_inner(
 
 /// Create an event's runs (through flow control), resume or cancel the pauses it matches,
 /// and mark it processed: the whole of applying one event, in the caller's transaction.
+/// Stores a new event and applies it with its planned runs in the caller's transaction,
+/// unless an older event of its name is still unapplied: then it is only stored, and the
+/// matcher applies both in order. Returns the runs created.
+fn insert_and_apply_event(
+    conn: &Connection,
+    e: &NewEvent,
+    runs: &[NewRun],
+    matcher: &dyn PauseMatcher,
+    now: i64,
+) -> rusqlite::Result<Vec<String>> {
+    let name = e
+        .event
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let backlog = conn
+        .prepare_cached("SELECT 1 FROM events WHERE processed=0 AND name=? LIMIT 1")?
+        .query_row([name], |_| Ok(()))
+        .optional()?
+        .is_some();
+    let seq = insert_event(conn, e)?;
+    if backlog {
+        return Ok(Vec::new());
+    }
+    let stored = StoredEvent {
+        seq,
+        internal_id: e.internal_id.clone(),
+        name: name.to_string(),
+        event: e.event.clone(),
+        received_at: e.received_at,
+        target_fn: e.target_fn.clone(),
+    };
+    // Runs were planned before the event had a sequence number.
+    let mut runs = runs.to_vec();
+    for r in &mut runs {
+        for p in &mut r.pauses {
+            p.since_seq = seq;
+        }
+    }
+    apply_event_inner(conn, &stored, &runs, &[], matcher, now)
+}
+
 fn apply_event_inner(
     conn: &Connection,
     event: &StoredEvent,
