@@ -124,7 +124,64 @@ both_backends!(
     writes_from_a_superseded_dispatch_are_refused,
     cancel_rules_see_only_events_after_the_trigger,
     flow_control_admission,
+    events_applied_with_a_result_skip_the_matcher_unless_one_of_their_name_waits,
 );
+
+/// Lifecycle events applied in the commit of a result (finalisation's): stored processed with
+/// their runs created, so the matcher has nothing to do; behind an older unapplied event of
+/// the same name they are only stored, and the matcher takes both in order.
+async fn events_applied_with_a_result_skip_the_matcher_unless_one_of_their_name_waits(db: &Db) {
+    let store = db.open().await;
+    let run_id = make_run(&*store, "R1").await;
+    // A run for the applied event, planned as the executor would (sequence number unknown).
+    let planned = |e: &NewEvent, run_id: &str| {
+        let provisional = StoredEvent {
+            seq: 0,
+            internal_id: e.internal_id.clone(),
+            name: String::new(),
+            event: e.event.clone(),
+            received_at: e.received_at,
+            target_fn: None,
+        };
+        vec![new_run(&provisional, run_id, RunFlow::default())]
+    };
+    let apply_with = |e: NewEvent, child: &str| Apply {
+        run_id: run_id.clone(),
+        apply_events: vec![(e.clone(), planned(&e, child))],
+        ..Default::default()
+    };
+    let done = ev("t/done");
+    store
+        .apply(apply_with(done.clone(), "C1"), matcher(), 5)
+        .await
+        .unwrap();
+    assert!(store.unprocessed_events(10).await.unwrap().is_empty());
+    let runs = store.runs_for_event(&done.internal_id).await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].run_id, "C1");
+
+    // An older event of the name still waits: the new one queues up behind it.
+    let older = ev("t/done");
+    store.insert_events(vec![older.clone()]).await.unwrap();
+    let later = ev("t/done");
+    store
+        .apply(apply_with(later.clone(), "C2"), matcher(), 6)
+        .await
+        .unwrap();
+    let waiting: Vec<String> = store
+        .unprocessed_events(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.internal_id)
+        .collect();
+    assert_eq!(waiting, [older.internal_id, later.internal_id.clone()]);
+    assert!(store
+        .runs_for_event(&later.internal_id)
+        .await
+        .unwrap()
+        .is_empty());
+}
 
 /// Insert one event and create a run from it; returns the run id.
 async fn make_run(store: &dyn Store, run_id: &str) -> String {
