@@ -75,14 +75,19 @@ pub async fn run_remote_ends(engine: Arc<Engine>) {
     let Some(mut ends) = engine.store.run_ends() else {
         return;
     };
-    engine
-        .run_waiters
-        .fed
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let fed = |on: bool| {
+        engine
+            .run_waiters
+            .fed
+            .store(on, std::sync::atomic::Ordering::Relaxed)
+    };
     let mut shutdown = engine.shutdown.clone();
     loop {
         tokio::select! {
             r = ends.recv() => match r {
+                // Until the feed announces every end, waiters keep re-reading often.
+                Ok(m) if m == crate::store::RUN_ENDS_LISTENING => fed(true),
+                Ok(m) if m == crate::store::RUN_ENDS_LOST => fed(false),
                 Ok(run_id) => engine.run_waiters.ended(&run_id),
                 // Missed ids: their waiters find the end on their next re-read.
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}

@@ -277,6 +277,12 @@ pub trait PauseMatcher: Send + Sync {
     fn matches(&self, pause: &Pause, event: &Value) -> bool;
 }
 
+/// On the [`Store::run_ends`] feed (never a run id): every end is announced from now on.
+pub const RUN_ENDS_LISTENING: &str = "";
+/// On the [`Store::run_ends`] feed: ends go unannounced (a lost connection) until the next
+/// [`RUN_ENDS_LISTENING`].
+pub const RUN_ENDS_LOST: &str = "-";
+
 /// A run to create from an event (idempotent on `fn_slug` + `idem_key`).
 #[derive(Debug, Clone)]
 pub struct NewRun {
@@ -638,6 +644,7 @@ pub trait Store: Send + Sync + 'static {
     /// `wait_ms` request held by this node hears of an end committed by another. `None` for
     /// a backend one process owns (its executor reports every end itself). The channel is
     /// bounded: a receiver that falls behind loses ids, and waiters fall back to re-reading.
+    /// Besides run ids the feed carries [`RUN_ENDS_LISTENING`] and [`RUN_ENDS_LOST`].
     fn run_ends(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         None
     }

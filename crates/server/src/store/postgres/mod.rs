@@ -37,10 +37,15 @@ use tokio_postgres::Row;
 mod flow;
 
 /// Schema version this build writes, stored in the `schema_version` table.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Schema steps: `MIGRATIONS[v]` takes a version-`v` database to version `v + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2];
+
+/// Version 2: unapplied events by name, for the check that an event applied in the commit
+/// that stores it does not overtake an older one of its name (`events_name` would walk the
+/// name's whole history).
+const SCHEMA_V2: &str = "CREATE INDEX events_unprocessed_name ON events(name) WHERE NOT processed;";
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE apps(
@@ -180,7 +185,10 @@ async fn listen_for_ends(cfg: tokio_postgres::Config, tx: tokio::sync::broadcast
         loop {
             tokio::select! {
                 r = &mut listen, if !listening => match r {
-                    Ok(()) => listening = true,
+                    Ok(()) => {
+                        listening = true;
+                        let _ = tx.send(RUN_ENDS_LISTENING.to_string());
+                    }
                     Err(e) => {
                         tracing::warn!(error = %pg_message(&e), "listening for run ends");
                         break;
@@ -202,6 +210,7 @@ async fn listen_for_ends(cfg: tokio_postgres::Config, tx: tokio::sync::broadcast
                 },
             }
         }
+        let _ = tx.send(RUN_ENDS_LOST.to_string());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 mod flow;
 
 /// Schema version stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Most closures merged into one transaction; bounds commit latency under load.
 const MAX_BATCH: usize = 512;
@@ -89,7 +89,12 @@ CREATE TABLE cron(
 "#;
 
 /// Schema steps: `MIGRATIONS[v]` takes a version-`v` database to version `v + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA, flow::SCHEMA_V2];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA, flow::SCHEMA_V2, SCHEMA_V3];
+
+/// Version 3: unapplied events by name, for the check that an event applied in the commit
+/// that stores it does not overtake an older one of its name (`events_name` would walk the
+/// name's whole history).
+const SCHEMA_V3: &str = "CREATE INDEX events_unprocessed_name ON events(name) WHERE processed = 0;";
 
 /// Reader connections kept open: enough to overlap reads with the writer on a few cores.
 const READERS: usize = 4;
@@ -741,7 +746,10 @@ fn insert_and_apply_event(
         .and_then(Value::as_str)
         .unwrap_or_default();
     let backlog = conn
-        .prepare_cached("SELECT 1 FROM events WHERE processed=0 AND name=? LIMIT 1")?
+        .prepare_cached(
+            "SELECT 1 FROM events INDEXED BY events_unprocessed_name
+             WHERE processed=0 AND name=? LIMIT 1",
+        )?
         .query_row([name], |_| Ok(()))
         .optional()?
         .is_some();
