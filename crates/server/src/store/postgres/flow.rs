@@ -441,9 +441,26 @@ async fn in_progress<C: GenericClient>(c: &C, key: &str, now: i64) -> R<i64> {
     Ok(rows.first().map(|r| r.get(0)).unwrap_or(0))
 }
 
+/// Free one slot of each of `keys`: un-park the oldest item waiting on each. The keys'
+/// locks are taken first, as the claim takes them before counting holders and parking, so
+/// a claim parking an item concurrently is either seen here (and the item un-parked) or
+/// counts this slot as free; without them a park committing just after this looked was a
+/// lost wake-up, left to the periodic repair.
+pub(super) async fn free_all<C: GenericClient>(c: &C, keys: &[String]) -> R<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut locks: Vec<String> = keys.iter().map(|k| key_lock(k)).collect();
+    super::lock_all(c, &mut locks).await?;
+    for key in keys {
+        free(c, key).await?;
+    }
+    Ok(())
+}
+
 /// A slot of `key` freed: un-park the item that has waited longest for it. An item another
 /// transaction holds is skipped rather than waited for; the periodic repair catches it.
-pub(super) async fn free<C: GenericClient>(c: &C, key: &str) -> R<()> {
+async fn free<C: GenericClient>(c: &C, key: &str) -> R<()> {
     exec(
         c,
         "UPDATE queue SET blocked_on=NULL WHERE id =

@@ -721,9 +721,7 @@ async fn finish_run<C: GenericClient>(c: &C, run_id: &str, finish: &Finish, now:
         &[&run_id, &RUN_ENDED],
     )
     .await?;
-    for key in &held {
-        flow::free(c, key).await?;
-    }
+    flow::free_all(c, &held).await?;
     insert_item(
         c,
         &NewItem {
@@ -993,9 +991,7 @@ async fn apply_inner<C: GenericClient>(
         };
         // When the run ended above, finish_run already freed this item's slots.
         if n == 1 {
-            for key in &item_keys {
-                flow::free(c, key).await?;
-            }
+            flow::free_all(c, &item_keys).await?;
         }
     }
     Ok(())
@@ -1789,9 +1785,7 @@ impl Store for PostgresStore {
             )
             .await?;
             if n == 1 {
-                for key in &keys {
-                    flow::free(&tx, key).await?;
-                }
+                flow::free_all(&tx, &keys).await?;
             }
             Ok(())
         })
