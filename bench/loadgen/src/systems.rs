@@ -199,27 +199,14 @@ fn fresh_dir(paths: &Paths, tag: &str) -> Result<PathBuf> {
 pub async fn start_cairn(paths: &Paths, kind: AppKind, tag: &str, pool: usize) -> Result<Stack> {
     let dir = fresh_dir(paths, tag)?;
     let db = dir.join("cairn.db");
-    let mut cmd = Command::new(&paths.cairn_bin);
-    cmd.args([
-        "dev",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &CAIRN_PORT.to_string(),
-    ])
-    .arg("--database-url")
-    .arg(format!("sqlite://{}", db.display()))
-    .env("RUST_LOG", "warn")
-    .env("DO_NOT_TRACK", "1");
-    let mut server = Proc::spawn("server", "cairn", cmd, &dir)?;
-    procs::wait_port(CAIRN_PORT, Duration::from_secs(30), &mut server).await?;
     let http = http_client(pool)?;
-    let base = format!("http://127.0.0.1:{CAIRN_PORT}");
-    wait_http_ok(
+    let (server, base) = spawn_cairn(
+        paths,
         &http,
-        &format!("{base}/health"),
-        Duration::from_secs(20),
-        &mut server,
+        CAIRN_PORT,
+        &format!("sqlite://{}", db.display()),
+        "cairn",
+        &dir,
     )
     .await?;
 
@@ -259,21 +246,13 @@ pub async fn start_cairn_nodes(
     let mut servers = Vec::new();
     let mut bases = Vec::new();
     for i in 0..nodes.max(1) {
-        let port = CAIRN_PORT + i as u16;
-        let mut cmd = Command::new(&paths.cairn_bin);
-        cmd.args(["dev", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--database-url")
-            .arg(db_url)
-            .env("RUST_LOG", "warn")
-            .env("DO_NOT_TRACK", "1");
-        let mut server = Proc::spawn("server", &format!("cairn-{i}"), cmd, &dir)?;
-        procs::wait_port(port, Duration::from_secs(30), &mut server).await?;
-        let base = format!("http://127.0.0.1:{port}");
-        wait_http_ok(
+        let (server, base) = spawn_cairn(
+            paths,
             &http,
-            &format!("{base}/health"),
-            Duration::from_secs(20),
-            &mut server,
+            CAIRN_PORT + i as u16,
+            db_url,
+            &format!("cairn-{i}"),
+            &dir,
         )
         .await?;
         servers.push(server);
@@ -285,18 +264,7 @@ pub async fn start_cairn_nodes(
     // The other nodes load the synced app from the database on their next refresh.
     let deadline = Instant::now() + Duration::from_secs(30);
     for base in &bases[1..] {
-        let fns = format!("{base}/v1/apps/{}/functions", AppKind::Rust.app_id());
-        loop {
-            let listed = match http.get(&fns).send().await {
-                Ok(r) => r
-                    .json::<Value>()
-                    .await
-                    .is_ok_and(|v| v["data"].as_array().is_some_and(|a| !a.is_empty())),
-                Err(_) => false,
-            };
-            if listed {
-                break;
-            }
+        while !lists_functions(&http, base, AppKind::Rust).await {
             if Instant::now() > deadline {
                 bail!("{base} did not load the synced app within 30 s");
             }
@@ -361,12 +329,50 @@ fn start_app(paths: &Paths, kind: AppKind, dir: &Path, base: &str) -> Result<Pro
     Proc::spawn("app", name, cmd, dir)
 }
 
+/// `cairn dev` on `port` with `database_url`, answering `/health`; returns it and its base URL.
+async fn spawn_cairn(
+    paths: &Paths,
+    http: &reqwest::Client,
+    port: u16,
+    database_url: &str,
+    name: &str,
+    dir: &Path,
+) -> Result<(Proc, String)> {
+    let mut cmd = Command::new(&paths.cairn_bin);
+    cmd.args(["dev", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--database-url", database_url])
+        .env("RUST_LOG", "warn")
+        .env("DO_NOT_TRACK", "1");
+    let mut server = Proc::spawn("server", name, cmd, dir)?;
+    procs::wait_port(port, Duration::from_secs(30), &mut server).await?;
+    let base = format!("http://127.0.0.1:{port}");
+    wait_http_ok(
+        http,
+        &format!("{base}/health"),
+        Duration::from_secs(20),
+        &mut server,
+    )
+    .await?;
+    Ok((server, base))
+}
+
+/// Whether the Cairn at `base` lists a function of `kind`'s app.
+async fn lists_functions(http: &reqwest::Client, base: &str, kind: AppKind) -> bool {
+    let fns = format!("{base}/v1/apps/{}/functions", kind.app_id());
+    match http.get(&fns).send().await {
+        Ok(r) => r
+            .json::<Value>()
+            .await
+            .is_ok_and(|v| v["data"].as_array().is_some_and(|a| !a.is_empty())),
+        Err(_) => false,
+    }
+}
+
 /// Asks the app to register itself (`PUT /api/inngest`), as the dev server's sync does, and
 /// waits until Cairn lists its function.
 async fn sync_app(http: &reqwest::Client, base: &str, kind: AppKind, app: &mut Proc) -> Result<()> {
     let url = format!("http://127.0.0.1:{APP_PORT}/api/inngest");
     let deadline = Instant::now() + Duration::from_secs(30);
-    let fns = format!("{base}/v1/apps/{}/functions", kind.app_id());
     let mut last = String::new();
     while Instant::now() < deadline {
         app.check_alive()?;
@@ -380,12 +386,8 @@ async fn sync_app(http: &reqwest::Client, base: &str, kind: AppKind, app: &mut P
             }
             Err(e) => last = format!("PUT {url}: {e}"),
         }
-        if let Ok(r) = http.get(&fns).send().await {
-            if let Ok(v) = r.json::<Value>().await {
-                if v["data"].as_array().is_some_and(|a| !a.is_empty()) {
-                    return Ok(());
-                }
-            }
+        if lists_functions(http, base, kind).await {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

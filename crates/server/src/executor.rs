@@ -34,7 +34,7 @@ pub fn new_run(engine: &Engine, f: &FunctionEntry, ev: &StoredEvent, now: i64) -
         .unwrap_or(&ev.internal_id)
         .to_string();
     let mut items = vec![NewItem {
-        id: format!("{run_id}:start"),
+        id: crate::store::start_item_id(&run_id),
         run_id: run_id.clone(),
         kind: ItemKind::Call {
             step: None,

@@ -195,15 +195,7 @@ pub fn plan_new_event(
     e: &crate::store::NewEvent,
     now: i64,
 ) -> Vec<crate::store::NewRun> {
-    let provisional = crate::store::StoredEvent {
-        seq: 0,
-        internal_id: e.internal_id.clone(),
-        name: String::new(),
-        event: e.event.clone(),
-        received_at: e.received_at,
-        target_fn: e.target_fn.clone(),
-    };
-    plan_runs(engine, &provisional, now).0
+    plan_runs(engine, &e.stored(0), now).0
 }
 
 /// The runs an event starts (one per matching function, flow control planned), and any

@@ -4,6 +4,7 @@
 //! Only runs somebody waits on have an entry, and the entry goes when its last waiter does,
 //! so the table is bounded by the number of open requests.
 
+use crate::store::RunEnd;
 use crate::Engine;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -85,10 +86,10 @@ pub async fn run_remote_ends(engine: Arc<Engine>) {
     loop {
         tokio::select! {
             r = ends.recv() => match r {
+                Ok(RunEnd::Ended(run_id)) => engine.run_waiters.ended(&run_id),
                 // Until the feed announces every end, waiters keep re-reading often.
-                Ok(m) if m == crate::store::RUN_ENDS_LISTENING => fed(true),
-                Ok(m) if m == crate::store::RUN_ENDS_LOST => fed(false),
-                Ok(run_id) => engine.run_waiters.ended(&run_id),
+                Ok(RunEnd::Announcing) => fed(true),
+                Ok(RunEnd::Unannounced) => fed(false),
                 // Missed ids: their waiters find the end on their next re-read.
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,

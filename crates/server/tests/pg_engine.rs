@@ -144,24 +144,10 @@ async fn cancel_by_event_and_keyed_concurrency() {
 /// interval, and that node then starts runs of the synced function.
 #[tokio::test]
 async fn a_sync_on_one_node_reaches_the_others() {
-    use cairn_server::store::{PgOptions, PostgresStore};
     let (a, schema) = pg_server().await;
-    let store = PostgresStore::connect(
-        &pg_support::pg_url(),
-        PgOptions {
-            pool_size: 4,
-            schema: Some(schema.clone()),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("second node's store");
     let mut cfg = cairn_server::Config::dev("127.0.0.1:0".parse().unwrap());
     cfg.poll_interval = std::time::Duration::from_millis(300);
-    let b = cairn_server::Server::start(cfg, std::sync::Arc::new(store))
-        .await
-        .unwrap();
-    let b_base = format!("http://{}", b.addr());
+    let (b, b_base) = pg_support::another_node(&schema, cfg).await;
     let app = FakeApp::start(
         "late",
         vec![FakeFn::new(
@@ -200,26 +186,13 @@ async fn a_sync_on_one_node_reaches_the_others() {
 /// when the feed runs).
 #[tokio::test]
 async fn a_run_ended_on_one_node_answers_a_wait_on_another() {
-    use cairn_server::store::{PgOptions, PostgresStore};
     use std::time::{Duration, Instant};
     let (a, schema) = pg_server().await;
-    let store = PostgresStore::connect(
-        &pg_support::pg_url(),
-        PgOptions {
-            pool_size: 4,
-            schema: Some(schema.clone()),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("second node's store");
-    let b = cairn_server::Server::start(
+    let (b, b_base) = pg_support::another_node(
+        &schema,
         cairn_server::Config::dev("127.0.0.1:0".parse().unwrap()),
-        std::sync::Arc::new(store),
     )
-    .await
-    .unwrap();
-    let b_base = format!("http://{}", b.addr());
+    .await;
     let app = FakeApp::start(
         "ends",
         vec![FakeFn::new(

@@ -134,17 +134,8 @@ async fn events_applied_with_a_result_skip_the_matcher_unless_one_of_their_name_
     let store = db.open().await;
     let run_id = make_run(&*store, "R1").await;
     // A run for the applied event, planned as the executor would (sequence number unknown).
-    let planned = |e: &NewEvent, run_id: &str| {
-        let provisional = StoredEvent {
-            seq: 0,
-            internal_id: e.internal_id.clone(),
-            name: String::new(),
-            event: e.event.clone(),
-            received_at: e.received_at,
-            target_fn: None,
-        };
-        vec![new_run(&provisional, run_id, RunFlow::default())]
-    };
+    let planned =
+        |e: &NewEvent, run_id: &str| vec![new_run(&e.stored(0), run_id, RunFlow::default())];
     let apply_with = |e: NewEvent, child: &str| Apply {
         run_id: run_id.clone(),
         apply_events: vec![(e.clone(), planned(&e, child))],

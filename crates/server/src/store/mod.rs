@@ -92,6 +92,56 @@ pub struct NewEvent {
     pub target_fn: Option<String>,
 }
 
+impl NewEvent {
+    /// Its `name` field ("" if absent).
+    pub fn name(&self) -> &str {
+        self.event
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+
+    /// This event as stored under sequence number `seq`.
+    pub fn stored(&self, seq: i64) -> StoredEvent {
+        StoredEvent {
+            seq,
+            internal_id: self.internal_id.clone(),
+            name: self.name().to_string(),
+            event: self.event.clone(),
+            received_at: self.received_at,
+            target_fn: self.target_fn.clone(),
+        }
+    }
+}
+
+/// Id of a run's start item, the first call (which flow control may delay or hold).
+pub fn start_item_id(run_id: &str) -> String {
+    format!("{run_id}:start")
+}
+
+impl NewRun {
+    /// When its start item is due (`now` if it has none).
+    pub fn start_at(&self, now: i64) -> i64 {
+        let id = start_item_id(&self.run_id);
+        self.items
+            .iter()
+            .find(|i| i.id == id)
+            .map_or(now, |i| i.available_at)
+    }
+}
+
+/// Runs planned for an event before it had a sequence number, given the one it got: their
+/// cancel rules start after it.
+pub(crate) fn runs_after(runs: &[NewRun], seq: i64) -> Vec<NewRun> {
+    let mut runs = runs.to_vec();
+    for r in &mut runs {
+        for p in &mut r.pauses {
+            p.since_seq = seq;
+        }
+    }
+    runs
+}
+
 /// An event as stored.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoredEvent {
@@ -277,11 +327,16 @@ pub trait PauseMatcher: Send + Sync {
     fn matches(&self, pause: &Pause, event: &Value) -> bool;
 }
 
-/// On the [`Store::run_ends`] feed (never a run id): every end is announced from now on.
-pub const RUN_ENDS_LISTENING: &str = "";
-/// On the [`Store::run_ends`] feed: ends go unannounced (a lost connection) until the next
-/// [`RUN_ENDS_LISTENING`].
-pub const RUN_ENDS_LOST: &str = "-";
+/// What the [`Store::run_ends`] feed carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// This run ended.
+    Ended(String),
+    /// Every end is announced from now on.
+    Announcing,
+    /// Ends go unannounced (a lost connection) until the next [`RunEnd::Announcing`].
+    Unannounced,
+}
 
 /// A run to create from an event (idempotent on `fn_slug` + `idem_key`).
 #[derive(Debug, Clone)]
@@ -640,12 +695,11 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Cancel a running run (API). Returns false if it was not running.
     async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool>;
-    /// Ids of runs as they end, whichever process sharing the store ended them, so that a
+    /// Runs as they end ([`RunEnd`]), whichever process sharing the store ended them, so that a
     /// `wait_ms` request held by this node hears of an end committed by another. `None` for
     /// a backend one process owns (its executor reports every end itself). The channel is
     /// bounded: a receiver that falls behind loses ids, and waiters fall back to re-reading.
-    /// Besides run ids the feed carries [`RUN_ENDS_LISTENING`] and [`RUN_ENDS_LOST`].
-    fn run_ends(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+    fn run_ends(&self) -> Option<tokio::sync::broadcast::Receiver<RunEnd>> {
         None
     }
 

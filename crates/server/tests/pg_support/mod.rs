@@ -1,6 +1,8 @@
 //! The engine on PostgreSQL for in-process tests: a server on a fresh schema of the
 //! database named by `CAIRN_TEST_PG_URL` (default: the local server's `test` database).
 //! Without a reachable server the tests using it fail rather than skip.
+// Each test binary uses its own part of these helpers.
+#![allow(dead_code)]
 
 use super::common::TestServer;
 use cairn_server::store::{PgOptions, PostgresStore};
@@ -55,4 +57,22 @@ pub async fn finish(server: TestServer, schema: String) {
         .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
         .await
         .unwrap();
+}
+
+/// Another node on `schema` (as a second `cairn` process sharing the database would be),
+/// with its own pool; returns it with its base URL.
+pub async fn another_node(schema: &str, cfg: Config) -> (Server, String) {
+    let store = PostgresStore::connect(
+        &pg_url(),
+        PgOptions {
+            pool_size: 4,
+            schema: Some(schema.to_string()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("second node's store");
+    let server = Server::start(cfg, Arc::new(store)).await.unwrap();
+    let base = format!("http://{}", server.addr());
+    (server, base)
 }

@@ -13,8 +13,8 @@ use super::{
     lock_all, lock_run, query, query_opt, resume_pause, row_event, EVENT_COLS, R,
 };
 use crate::store::{
-    skipped_invoke_event, Finish, Hold, NewItem, NewRun, Pause, PauseMatcher, QueueInfo, QueueItem,
-    RunStatus, SkipReason, Slot,
+    skipped_invoke_event, start_item_id, Finish, Hold, NewItem, NewRun, Pause, PauseMatcher,
+    QueueInfo, QueueItem, RunStatus, SkipReason, Slot,
 };
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
@@ -22,10 +22,6 @@ use std::collections::HashMap;
 
 /// How often a node's claim path re-checks parked items (lost wake-ups, raised limits).
 pub(super) const REPAIR_EVERY_MS: i64 = 5_000;
-
-fn start_item_id(run_id: &str) -> String {
-    format!("{run_id}:start")
-}
 
 /// The advisory-lock name of a concurrency key.
 fn key_lock(key: &str) -> String {
@@ -93,13 +89,7 @@ pub(super) async fn create_run<C: GenericClient>(
         return Ok(false);
     }
     let start_id = start_item_id(&r.run_id);
-    let mut start = (
-        r.items
-            .iter()
-            .find(|i| i.id == start_id)
-            .map_or(now, |i| i.available_at),
-        None,
-    );
+    let mut start = (r.start_at(now), None);
     if !admit(c, r, now, &mut start).await? {
         return Ok(false);
     }
@@ -451,7 +441,7 @@ pub(super) async fn free_all<C: GenericClient>(c: &C, keys: &[String]) -> R<()> 
         return Ok(());
     }
     let mut locks: Vec<String> = keys.iter().map(|k| key_lock(k)).collect();
-    super::lock_all(c, &mut locks).await?;
+    lock_all(c, &mut locks).await?;
     for key in keys {
         free(c, key).await?;
     }

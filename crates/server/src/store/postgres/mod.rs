@@ -154,7 +154,7 @@ pub struct PostgresStore {
     /// Where the `LISTEN` connection for [`Store::run_ends`] goes (the pool's settings).
     listen_cfg: tokio_postgres::Config,
     /// Fan-out of [`RUN_ENDED`] notifications, started by the first [`Store::run_ends`].
-    ends: std::sync::OnceLock<tokio::sync::broadcast::Sender<String>>,
+    ends: std::sync::OnceLock<tokio::sync::broadcast::Sender<RunEnd>>,
 }
 
 /// Channel on which every run end is announced (payload: the run id), at commit.
@@ -165,7 +165,7 @@ const RUN_ENDS_BUFFER: usize = 1024;
 
 /// Relays [`RUN_ENDED`] notifications to `tx` over a connection of its own, reconnecting
 /// after errors, until nobody holds a receiver.
-async fn listen_for_ends(cfg: tokio_postgres::Config, tx: tokio::sync::broadcast::Sender<String>) {
+async fn listen_for_ends(cfg: tokio_postgres::Config, tx: tokio::sync::broadcast::Sender<RunEnd>) {
     use futures::StreamExt;
     let mut idle_check = tokio::time::interval(Duration::from_secs(5));
     while tx.receiver_count() > 0 {
@@ -187,7 +187,7 @@ async fn listen_for_ends(cfg: tokio_postgres::Config, tx: tokio::sync::broadcast
                 r = &mut listen, if !listening => match r {
                     Ok(()) => {
                         listening = true;
-                        let _ = tx.send(RUN_ENDS_LISTENING.to_string());
+                        let _ = tx.send(RunEnd::Announcing);
                     }
                     Err(e) => {
                         tracing::warn!(error = %pg_message(&e), "listening for run ends");
@@ -196,7 +196,7 @@ async fn listen_for_ends(cfg: tokio_postgres::Config, tx: tokio::sync::broadcast
                 },
                 m = messages.next() => match m {
                     Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                        let _ = tx.send(n.payload().to_string());
+                        let _ = tx.send(RunEnd::Ended(n.payload().to_string()));
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
@@ -210,7 +210,7 @@ async fn listen_for_ends(cfg: tokio_postgres::Config, tx: tokio::sync::broadcast
                 },
             }
         }
-        let _ = tx.send(RUN_ENDS_LOST.to_string());
+        let _ = tx.send(RunEnd::Unannounced);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -526,11 +526,7 @@ async fn insert_and_apply_event<C: GenericClient>(
     matcher: &dyn PauseMatcher,
     now: i64,
 ) -> R<Option<Vec<String>>> {
-    let name = e
-        .event
-        .get("name")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let name = e.name();
     lock_shared(c, &event_lock(name)).await?;
     let backlog = query_opt(
         c,
@@ -543,80 +539,47 @@ async fn insert_and_apply_event<C: GenericClient>(
         insert_event(c, e).await?;
         return Ok(None);
     }
-    let Some((seq, xid)) = insert_new_event(c, e).await? else {
+    let Some((seq, xid)) = insert_new_event(c, e, true).await? else {
         return Ok(Some(Vec::new()));
     };
-    let stored = StoredEvent {
-        seq,
-        internal_id: e.internal_id.clone(),
-        name: name.to_string(),
-        event: e.event.clone(),
-        received_at: e.received_at,
-        target_fn: e.target_fn.clone(),
-    };
-    // Runs were planned before the event had a sequence number.
-    let mut runs = runs.to_vec();
-    for r in &mut runs {
-        for p in &mut r.pauses {
-            p.since_seq = seq;
-        }
-    }
-    apply_stored_event(c, &stored, xid, &runs, &[], matcher, now)
+    let runs = runs_after(runs, seq);
+    apply_stored_event(c, &e.stored(seq), xid, &runs, &[], matcher, now)
         .await
         .map(Some)
 }
 
-/// Stores a new event, already marked processed (the caller applies it in the same
-/// transaction); its sequence number and transaction id, or `None` when an event with its
-/// internal id is already stored.
-async fn insert_new_event<C: GenericClient>(c: &C, e: &NewEvent) -> R<Option<(i64, i64)>> {
-    let name = e
-        .event
-        .get("name")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+/// Stores a new event (`processed` when the caller applies it in the same transaction); its
+/// sequence number and transaction id, or `None` when an event with its internal id is
+/// already stored (a resent event: the first copy stands).
+async fn insert_new_event<C: GenericClient>(
+    c: &C,
+    e: &NewEvent,
+    processed: bool,
+) -> R<Option<(i64, i64)>> {
     let user_id = e.event.get("id").and_then(Value::as_str);
     Ok(query_opt(
         c,
         "INSERT INTO events(internal_id, user_id, name, body, received_at, target_fn, processed)
-         VALUES ($1,$2,$3,$4,$5,$6,true) ON CONFLICT (internal_id) DO NOTHING RETURNING seq, xid",
+         VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (internal_id) DO NOTHING RETURNING seq, xid",
         &[
             &e.internal_id,
             &user_id,
-            &name,
+            &e.name(),
             &j(&e.event),
             &e.received_at,
             &e.target_fn,
+            &processed,
         ],
     )
     .await?
     .map(|r| (r.get(0), r.get(1))))
 }
 
+/// Stores an event for the matcher; its sequence number (the stored copy's, if resent).
 async fn insert_event<C: GenericClient>(c: &C, e: &NewEvent) -> R<i64> {
-    let name = e
-        .event
-        .get("name")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let user_id = e.event.get("id").and_then(Value::as_str);
-    // A resent event (same seeded id) is stored once; the first copy stands.
-    let row = query_opt(
-        c,
-        "INSERT INTO events(internal_id, user_id, name, body, received_at, target_fn)
-         VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (internal_id) DO NOTHING RETURNING seq",
-        &[
-            &e.internal_id,
-            &user_id,
-            &name,
-            &j(&e.event),
-            &e.received_at,
-            &e.target_fn,
-        ],
-    )
-    .await?;
+    let row = insert_new_event(c, e, false).await?;
     match row {
-        Some(r) => Ok(r.get(0)),
+        Some((seq, _)) => Ok(seq),
         None => Ok(query(
             c,
             "SELECT seq FROM events WHERE internal_id=$1",
@@ -1692,7 +1655,7 @@ impl Store for PostgresStore {
         })
     }
 
-    fn run_ends(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+    fn run_ends(&self) -> Option<tokio::sync::broadcast::Receiver<RunEnd>> {
         let tx = self.ends.get_or_init(|| {
             let (tx, _) = tokio::sync::broadcast::channel(RUN_ENDS_BUFFER);
             tokio::spawn(listen_for_ends(self.listen_cfg.clone(), tx.clone()));

@@ -9,8 +9,8 @@
 
 use super::{insert_event, j};
 use crate::store::{
-    skipped_invoke_event, Finish, Hold, NewItem, NewRun, QueueInfo, QueueItem, RunStatus,
-    SkipReason, Slot,
+    skipped_invoke_event, start_item_id, Finish, Hold, NewItem, NewRun, QueueInfo, QueueItem,
+    RunStatus, SkipReason, Slot,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
@@ -64,10 +64,6 @@ pub(super) enum Admit {
     Create,
     /// The event joined an existing run (debounce, batch) or was dropped.
     Absorbed,
-}
-
-fn start_item_id(run_id: &str) -> String {
-    format!("{run_id}:start")
 }
 
 fn gcra_tat(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {

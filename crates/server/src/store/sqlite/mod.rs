@@ -740,11 +740,7 @@ fn insert_and_apply_event(
     matcher: &dyn PauseMatcher,
     now: i64,
 ) -> rusqlite::Result<Vec<String>> {
-    let name = e
-        .event
-        .get("name")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let name = e.name();
     let backlog = conn
         .prepare_cached(
             "SELECT 1 FROM events INDEXED BY events_unprocessed_name
@@ -757,22 +753,8 @@ fn insert_and_apply_event(
     if backlog {
         return Ok(Vec::new());
     }
-    let stored = StoredEvent {
-        seq,
-        internal_id: e.internal_id.clone(),
-        name: name.to_string(),
-        event: e.event.clone(),
-        received_at: e.received_at,
-        target_fn: e.target_fn.clone(),
-    };
-    // Runs were planned before the event had a sequence number.
-    let mut runs = runs.to_vec();
-    for r in &mut runs {
-        for p in &mut r.pauses {
-            p.since_seq = seq;
-        }
-    }
-    apply_event_inner(conn, &stored, &runs, &[], matcher, now)
+    let runs = runs_after(runs, seq);
+    apply_event_inner(conn, &e.stored(seq), &runs, &[], matcher, now)
 }
 
 fn apply_event_inner(
@@ -802,14 +784,8 @@ fn apply_event_inner(
         if seen {
             continue;
         }
-        let start_id = format!("{}:start", r.run_id);
-        let mut start = (
-            r.items
-                .iter()
-                .find(|i| i.id == start_id)
-                .map_or(now, |i| i.available_at),
-            None,
-        );
+        let start_id = start_item_id(&r.run_id);
+        let mut start = (r.start_at(now), None);
         if let flow::Admit::Absorbed = flow::admit(conn, r, now, &mut start)? {
             continue;
         }
@@ -957,28 +933,14 @@ impl Store for SqliteStore {
                     if backlog {
                         continue;
                     }
-                    let stored = StoredEvent {
-                        seq,
-                        internal_id: e.internal_id.clone(),
-                        name: e
-                            .event
-                            .get("name")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default()
-                            .to_string(),
-                        event: e.event.clone(),
-                        received_at: e.received_at,
-                        target_fn: e.target_fn.clone(),
-                    };
-                    // Runs were planned before the event had a sequence number.
-                    let mut runs = runs.clone();
-                    for r in &mut runs {
-                        for p in &mut r.pauses {
-                            p.since_seq = seq;
-                        }
-                    }
-                    let created =
-                        apply_event_inner(conn, &stored, &runs, &[], matcher.as_ref(), now)?;
+                    let created = apply_event_inner(
+                        conn,
+                        &e.stored(seq),
+                        &runs_after(runs, seq),
+                        &[],
+                        matcher.as_ref(),
+                        now,
+                    )?;
                     for run_id in created {
                         if leased.len() >= *max {
                             break;
