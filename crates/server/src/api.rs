@@ -241,17 +241,17 @@ async fn ingest(
         permits.len(),
     );
     // Acknowledge only after commit.
-    let applied = match engine
+    let left = match engine
         .store
         .insert_and_apply(planned, engine.pause_matcher(), now, lease)
         .await
     {
-        Ok((applied, leased)) => {
+        Ok((leased, left)) => {
             for item in leased {
                 let Some(permit) = permits.pop() else { break };
                 crate::queue::spawn(engine.clone(), permit, item);
             }
-            applied
+            left
         }
         Err(e) => {
             return err(
@@ -260,11 +260,16 @@ async fn ingest(
             )
         }
     };
-    drop(permits);
+    if !permits.is_empty() {
+        drop(permits);
+        engine.workers.freed(&engine.queue_wake);
+    }
     metrics::counter!("cairn_events_received_total").increment(n as u64);
-    if applied {
+    // Runs handed straight to workers need no loop to find them.
+    if left.queue {
         engine.queue_wake.notify_one();
-    } else {
+    }
+    if left.matcher {
         engine.events_wake.notify_one();
     }
     (StatusCode::OK, Json(json!({"ids": ids, "status": 200}))).into_response()

@@ -7,8 +7,8 @@
 
 use crate::registry::FunctionEntry;
 use crate::store::{
-    Apply, Finish, ItemKind, NewEvent, NewItem, NewRun, Pause, PauseKind, QueueItem, Run,
-    RunStatus, StoredEvent,
+    Apply, Finish, ItemKind, Left, NewEvent, NewItem, NewRun, Pause, PauseKind, QueueItem, Run,
+    RunStatus, StoreResult, StoredEvent,
 };
 use crate::Engine;
 use cairn_protocol::{
@@ -127,8 +127,14 @@ fn user_error(name: &str, message: impl Into<String>) -> Value {
 /// With `go_on`, the run's next due item is leased to this process in the same commit as the
 /// result and returned, so the caller can handle it at once instead of claiming it.
 pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option<QueueItem> {
+    // Whether handling the item may free concurrency slots, un-parking other runs' items:
+    // calls hold their function's limits (looked up by `call`), and a run that times out
+    // frees its own; sleeps, wait timeouts and finalisation hold none.
+    let mut limited = matches!(item.kind, ItemKind::Call { .. } | ItemKind::RunTimeout);
     let res = match item.kind.clone() {
-        ItemKind::Call { step, predecessor } => call(&engine, &item, step, predecessor).await,
+        ItemKind::Call { step, predecessor } => {
+            call(&engine, &item, step, predecessor, &mut limited).await
+        }
         ItemKind::Wake { step } => {
             let now = engine.now();
             Ok(Apply {
@@ -181,16 +187,14 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option
             return None;
         }
     };
-    // The matcher is woken for events it must apply, and for inline ones that may have been
-    // left to it behind an older unapplied event.
-    let emits_events = !apply.events.is_empty()
-        || !apply.apply_events.is_empty()
-        || !apply.pauses.is_empty()
-        || apply.finish.is_some();
+    // The matcher is woken for events it must apply (and below, for lifecycle events the
+    // store left to it behind an older unapplied one).
+    let emits_events = !apply.events.is_empty() || !apply.pauses.is_empty();
     let finish = apply.finish.as_ref().map(|f| f.status);
     let run_id = apply.run_id.clone();
+    let new_work = NewWork::of(&apply, limited);
     let now = engine.now();
-    let applied = if go_on {
+    let applied: StoreResult<(Option<QueueItem>, Left)> = if go_on {
         let lease_until = now + engine.config.lease.as_millis() as i64;
         engine
             .store
@@ -207,10 +211,10 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option
             .store
             .apply(apply, engine.pause_matcher(), now)
             .await
-            .map(|()| None)
+            .map(|()| (None, Left::ALL))
     };
     match applied {
-        Ok(next) => {
+        Ok((next, left)) => {
             if finish.is_some() {
                 engine.run_waiters.ended(&run_id);
             }
@@ -226,10 +230,12 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option
                     RunStatus::Running => {}
                 }
             }
-            if emits_events {
+            if emits_events || left.matcher {
                 engine.events_wake.notify_one();
             }
-            engine.queue_wake.notify_one();
+            if left.queue || new_work.left_for_loop(next.as_ref()) {
+                engine.queue_wake.notify_one();
+            }
             next
         }
         Err(crate::store::StoreError::LeaseLost(id)) => {
@@ -570,11 +576,58 @@ fn interpret(
     }
 }
 
+/// What a commit makes claimable, as far as the executor can tell from the writes it asks for
+/// (the store tells what applying lifecycle events left: [`Left`]).
+enum NewWork {
+    /// Nothing: no item, no freed slot, no event.
+    Nothing,
+    /// One item due now (a step's successor, a run's finalisation) and nothing else.
+    One(String),
+    /// Anything else: timers, retries, pauses, events, several items, freed slots.
+    Unknown,
+}
+
+impl NewWork {
+    fn of(apply: &Apply, limited: bool) -> NewWork {
+        if limited
+            || apply.retry.is_some()
+            || !apply.pauses.is_empty()
+            || apply.expire_pause.is_some()
+            || !apply.events.is_empty()
+        {
+            return NewWork::Unknown;
+        }
+        let mut items = apply
+            .enqueue
+            .iter()
+            .chain(apply.complete_pending.as_ref().map(|(_, d)| d));
+        match (items.next(), items.next(), &apply.finish) {
+            (None, _, None) => NewWork::Nothing,
+            (Some(item), None, None) => NewWork::One(item.id.clone()),
+            (None, _, Some(_)) => NewWork::One(crate::store::finalize_item_id(&apply.run_id)),
+            _ => NewWork::Unknown,
+        }
+    }
+
+    /// Whether the queue loop must look for work after the commit, given the item this
+    /// worker goes straight on with: only when the commit may have made something claimable
+    /// that is not that item. Every wake-up costs the loop a claim round trip, and a step
+    /// that continues its own run needs none.
+    fn left_for_loop(&self, next: Option<&QueueItem>) -> bool {
+        match self {
+            NewWork::Nothing => false,
+            NewWork::One(id) => next.is_none_or(|n| &n.id != id),
+            NewWork::Unknown => true,
+        }
+    }
+}
+
 async fn call(
     engine: &Engine,
     item: &QueueItem,
     step: Option<String>,
     predecessor: Option<String>,
+    limited: &mut bool,
 ) -> anyhow::Result<Apply> {
     let now = engine.now();
     let mut apply = Apply {
@@ -599,6 +652,7 @@ async fn call(
         });
         return Ok(apply);
     };
+    *limited = function.config.concurrency.is_some();
     let Some(base_url) = function.config.url().map(str::to_string) else {
         apply.finish = Some(Finish {
             status: RunStatus::Failed,

@@ -9,6 +9,7 @@ use crate::store::QueueItem;
 use crate::Engine;
 use parking_lot::Mutex;
 use std::collections::HashSet;
+use std::sync::atomic::{fence, AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -44,6 +45,10 @@ impl Drop for InFlight {
 pub struct Workers {
     sem: Arc<Semaphore>,
     inflight: Arc<Mutex<HashSet<String>>>,
+    /// The loop is waiting for a free worker. Only then does a worker that ends wake it: an
+    /// unsaturated loop has already claimed all it found, and a wake-up per ending worker
+    /// cost a claim round trip each (several per run on a node that is not busy).
+    saturated: AtomicBool,
 }
 
 impl Workers {
@@ -52,6 +57,16 @@ impl Workers {
         Workers {
             sem: Arc::new(Semaphore::new(size)),
             inflight: Arc::default(),
+            saturated: AtomicBool::new(false),
+        }
+    }
+
+    /// Workers were given back: wake the loop if it waits for one.
+    pub fn freed(&self, wake: &tokio::sync::Notify) {
+        // Pairs with the loop's fence: either it sees the free worker or this sees its flag.
+        fence(SeqCst);
+        if self.saturated.swap(false, SeqCst) {
+            wake.notify_one();
         }
     }
 
@@ -74,7 +89,7 @@ pub fn spawn(engine: Arc<Engine>, permit: OwnedSemaphorePermit, item: QueueItem)
             item = crate::executor::handle(engine.clone(), current, go_on).await;
         }
         drop(permit);
-        engine.queue_wake.notify_one();
+        engine.workers.freed(&engine.queue_wake);
     });
 }
 
@@ -92,48 +107,50 @@ pub async fn run_workers(engine: Arc<Engine>) {
         tokio::pin!(notified);
         notified.as_mut().enable();
         let free = sem.available_permits().min(CLAIM_BATCH);
-        let mut claimed = 0;
-        if free > 0 {
-            let now = engine.now();
-            let lease_until = now + engine.config.lease.as_millis() as i64;
-            match engine
-                .store
-                .claim(&engine.owner, now, lease_until, free)
-                .await
-            {
-                Ok(items) => {
-                    claimed = items.len();
-                    for item in items {
-                        let Ok(permit) = sem.clone().acquire_owned().await else {
-                            break;
-                        };
-                        spawn(engine.clone(), permit, item);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "claiming queue items");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-        if claimed == free && free > 0 {
-            continue;
-        }
         if free == 0 {
-            // Saturated: due items exist but nothing can run until a task ends,
-            // and every task announces its end on queue_wake.
-            tokio::select! {
-                _ = notified => {}
-                _ = shutdown.changed() => {}
+            // Saturated: nothing can run until a worker ends, and one that ends while the
+            // flag is up wakes the loop (the poll is a safety net only).
+            engine.workers.saturated.store(true, SeqCst);
+            fence(SeqCst);
+            if sem.available_permits() == 0 {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(engine.config.poll_interval) => {}
+                    _ = shutdown.changed() => {}
+                }
             }
+            engine.workers.saturated.store(false, SeqCst);
             continue;
         }
         let now = engine.now();
-        let poll_at = now + engine.config.poll_interval.as_millis() as i64;
-        let wake_at = match engine.store.next_due().await {
-            Ok(Some(t)) => t.min(poll_at),
-            _ => poll_at,
+        let lease_until = now + engine.config.lease.as_millis() as i64;
+        let next_due = match engine
+            .store
+            .claim_next(&engine.owner, now, lease_until, free)
+            .await
+        {
+            Ok((items, next_due)) => {
+                let claimed = items.len();
+                for item in items {
+                    let Ok(permit) = sem.clone().acquire_owned().await else {
+                        break;
+                    };
+                    spawn(engine.clone(), permit, item);
+                }
+                if claimed == free {
+                    continue;
+                }
+                next_due
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "claiming queue items");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
         };
+        let now = engine.now();
+        let poll_at = now + engine.config.poll_interval.as_millis() as i64;
+        let wake_at = next_due.map_or(poll_at, |t| t.min(poll_at));
         tokio::select! {
             _ = notified => {}
             _ = engine.clock.sleep_until(wake_at.max(now)) => {}

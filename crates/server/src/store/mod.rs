@@ -119,6 +119,48 @@ pub fn start_item_id(run_id: &str) -> String {
     format!("{run_id}:start")
 }
 
+/// What a commit that applied events left for the engine's loops to pick up, beyond the
+/// items it leased to its caller. Each loop looks for work only when told to: a needless
+/// look costs it a round trip to the database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Left {
+    /// Items the queue loop must claim: first calls of new runs not leased to the caller,
+    /// steps of waits the events resumed.
+    pub queue: bool,
+    /// Events stored but not applied, waiting behind older ones of their name: the
+    /// matcher's.
+    pub matcher: bool,
+}
+
+impl Left {
+    /// Everything may be left (what a caller assumes when it cannot tell).
+    pub const ALL: Left = Left {
+        queue: true,
+        matcher: true,
+    };
+}
+
+/// What applying one event did inside a backend's transaction.
+#[derive(Debug, Default)]
+pub(crate) struct EventApplied {
+    /// Runs created.
+    pub runs: Vec<String>,
+    /// Pauses the event matched (waits resumed, runs cancelled): their items are new work.
+    pub resumed: bool,
+}
+
+/// Whether the run `run_id` of `runs` starts with more items than its first call.
+pub(crate) fn more_items(runs: &[NewRun], run_id: &str) -> bool {
+    runs.iter()
+        .find(|r| r.run_id == run_id)
+        .is_none_or(|r| r.items.len() > 1)
+}
+
+/// Id of the item that finalises an ended run (emits its lifecycle events).
+pub fn finalize_item_id(run_id: &str) -> String {
+    format!("{run_id}:finalize")
+}
+
 impl NewRun {
     /// When its start item is due (`now` if it has none).
     pub fn start_at(&self, now: i64) -> i64 {
@@ -617,19 +659,25 @@ pub trait Store: Send + Sync + 'static {
     /// Store accepted events and, in the same commit, apply each with the runs planned for
     /// it (as [`Store::apply_event`] would), saving the matcher a round trip; then lease up
     /// to `lease.2` of the new runs' first calls to `lease.0` until `lease.1`, as
-    /// [`Store::apply_and_continue`] does. Returns whether the events were applied (when
-    /// not — a backlog of older events goes first, or the backend does not do this — the
-    /// matcher applies them) and the leased items.
+    /// [`Store::apply_and_continue`] does. Returns the leased items and what the commit
+    /// [`Left`] to others: events left unapplied (a backlog of older events goes first, or
+    /// the backend does not do this) are the matcher's.
     async fn insert_and_apply(
         &self,
         events: Vec<(NewEvent, Vec<NewRun>)>,
         _matcher: Arc<dyn PauseMatcher>,
         _now: i64,
         _lease: (String, i64, usize),
-    ) -> StoreResult<(bool, Vec<QueueItem>)> {
+    ) -> StoreResult<(Vec<QueueItem>, Left)> {
         self.insert_events(events.into_iter().map(|(e, _)| e).collect())
             .await?;
-        Ok((false, Vec::new()))
+        Ok((
+            Vec::new(),
+            Left {
+                queue: false,
+                matcher: true,
+            },
+        ))
     }
     /// Look up an event by internal id or user id.
     async fn get_event(&self, id: &str) -> StoreResult<Option<StoredEvent>>;
@@ -682,7 +730,9 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::apply`], then, in the same transaction, lease the run's next due item to
     /// `owner` so the caller can go straight on with the run: one commit per step instead of
     /// an apply and a claim. Items under concurrency limits are left to the claim path. A
-    /// backend without this answers `None` and the item is claimed as usual.
+    /// backend without this answers `None` and the item is claimed as usual. Also returns
+    /// what applying [`Apply::apply_events`] [`Left`] to others (the rest of the apply the
+    /// caller can tell from what it asked for).
     async fn apply_and_continue(
         &self,
         apply: Apply,
@@ -690,8 +740,9 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
         _owner: &str,
         _lease_until: i64,
-    ) -> StoreResult<Option<QueueItem>> {
-        self.apply(apply, matcher, now).await.map(|()| None)
+    ) -> StoreResult<(Option<QueueItem>, Left)> {
+        self.apply(apply, matcher, now).await?;
+        Ok((None, Left::ALL))
     }
     /// Cancel a running run (API). Returns false if it was not running.
     async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool>;
@@ -711,6 +762,25 @@ pub trait Store: Send + Sync + 'static {
         lease_until: i64,
         limit: usize,
     ) -> StoreResult<Vec<QueueItem>>;
+    /// [`claim`](Store::claim), and when fewer than `limit` items came back,
+    /// [`next_due`](Store::next_due): what the queue loop asks each time it wakes. A backend
+    /// that answers both in one round trip may leave out of the second items due now that
+    /// another process is claiming.
+    async fn claim_next(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> StoreResult<(Vec<QueueItem>, Option<i64>)> {
+        let items = self.claim(owner, now, lease_until, limit).await?;
+        let next = if items.len() < limit {
+            self.next_due().await?
+        } else {
+            None
+        };
+        Ok((items, next))
+    }
     /// Extend leases still held by `owner`.
     async fn renew(&self, owner: &str, ids: Vec<String>, lease_until: i64) -> StoreResult<()>;
     /// Give an item back without changing its attempt (shutdown).

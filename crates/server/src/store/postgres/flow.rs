@@ -630,17 +630,30 @@ pub(super) async fn claim<C: GenericClient>(
     Ok(out)
 }
 
+/// What one plain claim saw besides the items it leased.
+pub(super) struct PlainClaim {
+    /// Leased to the caller, oldest first.
+    pub items: Vec<QueueItem>,
+    /// Items under flow control are due: the locked path must look at them.
+    pub flow_due: bool,
+    /// The earliest due time after `now` of an item flow control does not park.
+    pub next_due: Option<i64>,
+}
+
 /// Lease due items that carry no concurrency keys and no hold, in one statement outside any
 /// transaction block; also reports whether due items that do carry them are waiting for
-/// [`claim`]. Most work has no flow control, and an idle worker's claim finds nothing: both
-/// cost one round trip this way instead of a transaction of three or more.
+/// [`claim`], and when the next item falls due (so the queue loop needs no second read to
+/// know how long to sleep). Most work has no flow control, and an idle worker's claim finds
+/// nothing: both cost one round trip this way instead of a transaction of three or more.
 pub(super) async fn claim_plain<C: GenericClient>(
     c: &C,
     owner: &str,
     now: i64,
     lease_until: i64,
     limit: usize,
-) -> R<(Vec<QueueItem>, bool)> {
+) -> R<PlainClaim> {
+    // Row tags: 0 a leased item, 1 flow-controlled items are due, 2 the next due time (in
+    // the available_at column; the CTE's leases are not visible to it, hence `> now`).
     let rows = query(
         c,
         "WITH c AS (
@@ -649,31 +662,37 @@ pub(super) async fn claim_plain<C: GenericClient>(
                AND ck1 IS NULL AND ck2 IS NULL AND rk IS NULL AND hold IS NULL
              ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED)
            RETURNING id, run_id, kind, attempt, available_at)
-         SELECT id, run_id, kind, attempt, available_at, false FROM c
+         SELECT id, run_id, kind, attempt, available_at, 0 FROM c
          UNION ALL
-         SELECT NULL, NULL, NULL, NULL, NULL, true WHERE EXISTS (
+         SELECT NULL, NULL, NULL, NULL, NULL, 1 WHERE EXISTS (
            SELECT 1 FROM queue WHERE blocked_on IS NULL AND due_at<=$3
-             AND (ck1 IS NOT NULL OR ck2 IS NOT NULL OR rk IS NOT NULL OR hold IS NOT NULL))",
+             AND (ck1 IS NOT NULL OR ck2 IS NOT NULL OR rk IS NOT NULL OR hold IS NOT NULL))
+         UNION ALL
+         SELECT NULL, NULL, NULL, NULL, min(due_at), 2 FROM queue
+           WHERE blocked_on IS NULL AND due_at>$3",
         &[&owner, &lease_until, &now, &(limit as i64)],
     )
     .await?;
-    let mut items = Vec::with_capacity(rows.len());
-    let mut flow_due = false;
+    let mut claim = PlainClaim {
+        items: Vec::with_capacity(rows.len()),
+        flow_due: false,
+        next_due: None,
+    };
     for r in &rows {
-        if r.get::<_, bool>(5) {
-            flow_due = true;
-            continue;
+        match r.get::<_, i32>(5) {
+            1 => claim.flow_due = true,
+            2 => claim.next_due = r.get(4),
+            _ => claim.items.push(QueueItem {
+                id: r.get(0),
+                run_id: r.get(1),
+                kind: item_kind(r.get(2)),
+                attempt: r.get(3),
+                available_at: r.get(4),
+            }),
         }
-        items.push(QueueItem {
-            id: r.get(0),
-            run_id: r.get(1),
-            kind: item_kind(r.get(2)),
-            attempt: r.get(3),
-            available_at: r.get(4),
-        });
     }
-    items.sort_by_key(|i| i.available_at);
-    Ok((items, flow_due))
+    claim.items.sort_by_key(|i| i.available_at);
+    Ok(claim)
 }
 
 /// Un-park as many items per key as the key has free slots.

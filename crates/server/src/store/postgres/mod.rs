@@ -451,8 +451,7 @@ fn item_kind(s: &str) -> ItemKind {
 /// Applies a stored event inside the caller's transaction, which holds the event name's
 /// lock (shared): creates the planned runs, stores `extra_events` and resumes the pauses the
 /// event matches (waits started before transaction id `xid` ended; see
-/// [`Store::event_high_water`]). The caller marks the event processed. Returns the ids of
-/// the runs created.
+/// [`Store::event_high_water`]). The caller marks the event processed.
 #[allow(clippy::too_many_arguments)]
 async fn apply_stored_event<C: GenericClient>(
     tx: &C,
@@ -462,7 +461,7 @@ async fn apply_stored_event<C: GenericClient>(
     extra_events: &[NewEvent],
     matcher: &dyn PauseMatcher,
     now: i64,
-) -> R<Vec<String>> {
+) -> R<EventApplied> {
     let mut created = Vec::new();
     for r in runs {
         if flow::create_run(tx, r, now, matcher).await? {
@@ -503,29 +502,34 @@ async fn apply_stored_event<C: GenericClient>(
         .await?;
         pauses.extend(by_corr.iter().map(row_pause));
     }
+    let mut resumed = false;
     for p in pauses {
         if p.event_name != event.name || p.expires_at < now {
             continue;
         }
         if matcher.matches(&p, &event.event) {
             resume_pause(tx, &p, &event.event, now).await?;
+            resumed = true;
         }
     }
-    Ok(created)
+    Ok(EventApplied {
+        runs: created,
+        resumed,
+    })
 }
 
 /// Stores a new event and applies it with its planned runs in the caller's transaction.
 /// No event overtakes an older one of its name that is still unapplied (say, one a crashed
 /// node stored): behind such a backlog it is only stored, for the matcher to apply in
 /// order, and `None` is returned. Other names' backlogs do not hold it up: no wait or
-/// cancel rule compares events across names. Returns the runs created.
+/// cancel rule compares events across names.
 async fn insert_and_apply_event<C: GenericClient>(
     c: &C,
     e: &NewEvent,
     runs: &[NewRun],
     matcher: &dyn PauseMatcher,
     now: i64,
-) -> R<Option<Vec<String>>> {
+) -> R<Option<EventApplied>> {
     let name = e.name();
     lock_shared(c, &event_lock(name)).await?;
     let backlog = query_opt(
@@ -540,7 +544,7 @@ async fn insert_and_apply_event<C: GenericClient>(
         return Ok(None);
     }
     let Some((seq, xid)) = insert_new_event(c, e, true).await? else {
-        return Ok(Some(Vec::new()));
+        return Ok(Some(EventApplied::default()));
     };
     let runs = runs_after(runs, seq);
     apply_stored_event(c, &e.stored(seq), xid, &runs, &[], matcher, now)
@@ -688,7 +692,7 @@ async fn finish_run<C: GenericClient>(c: &C, run_id: &str, finish: &Finish, now:
     insert_item(
         c,
         &NewItem {
-            id: format!("{run_id}:finalize"),
+            id: finalize_item_id(run_id),
             run_id: run_id.to_string(),
             kind: ItemKind::Finalize,
             available_at: now,
@@ -811,7 +815,8 @@ async fn apply_inner<C: GenericClient>(
     a: &Apply,
     matcher: &dyn PauseMatcher,
     now: i64,
-) -> R<()> {
+) -> R<Left> {
+    let mut left = Left::default();
     // Event-name locks first (the order apply_event takes them in), then rows.
     if !a.pauses.is_empty() {
         let mut names: Vec<String> = a
@@ -930,7 +935,10 @@ async fn apply_inner<C: GenericClient>(
         insert_event(c, e).await?;
     }
     for (e, runs) in &a.apply_events {
-        insert_and_apply_event(c, e, runs, matcher, now).await?;
+        match insert_and_apply_event(c, e, runs, matcher, now).await? {
+            Some(applied) => left.queue |= applied.resumed || !applied.runs.is_empty(),
+            None => left.matcher = true,
+        }
     }
     if let Some(id) = &a.reset_attempt {
         exec(c, "UPDATE queue SET attempt=0 WHERE id=$1", &[id]).await?;
@@ -957,7 +965,7 @@ async fn apply_inner<C: GenericClient>(
             flow::free_all(c, &item_keys).await?;
         }
     }
-    Ok(())
+    Ok(left)
 }
 
 /// The common shape of an SDK answer: memoise step results, queue the next call, drop the
@@ -1127,6 +1135,56 @@ fn quote_ident(s: &str) -> String {
 }
 
 impl PostgresStore {
+    /// The claim, and the next due time when the plain claim alone answered it (`None`
+    /// when the flow-controlled path ran, which does not read it).
+    async fn claim_items(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> StoreResult<(Vec<QueueItem>, Option<Option<i64>>)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.last_repair.load(Relaxed);
+        let repair = now - last >= flow::REPAIR_EVERY_MS
+            && self
+                .last_repair
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok();
+        let mut items = Vec::new();
+        if !repair {
+            let plain = {
+                let c = self.client().await?;
+                flow::claim_plain(&c, owner, now, lease_until, limit).await?
+            };
+            if !plain.flow_due || plain.items.len() >= limit {
+                return Ok((plain.items, Some(plain.next_due)));
+            }
+            items = plain.items;
+        }
+        // Items under flow control (or a repair is due): the locked path, for what is left.
+        // A second transaction; the leases already committed are independent of it and are
+        // handed out even if it fails, rather than left to expire unworked.
+        let rest = limit - items.len();
+        let more: StoreResult<Vec<QueueItem>> = in_tx!(self, |tx| flow::claim(
+            &tx,
+            owner,
+            now,
+            lease_until,
+            rest,
+            repair
+        )
+        .await);
+        match more {
+            Ok(more) => items.extend(more),
+            Err(e) if !items.is_empty() => {
+                tracing::warn!(error = %e, "claiming flow-controlled queue items");
+            }
+            Err(e) => return Err(e),
+        }
+        Ok((items, None))
+    }
+
     /// Connect to the database at `url` (`postgres://user@host:port/db`), apply pending
     /// migrations and return the store.
     ///
@@ -1353,7 +1411,7 @@ impl Store for PostgresStore {
                 Some(r) if !r.get::<_, bool>(0) => r.get(1),
                 _ => return Ok(Vec::new()),
             };
-            let created = apply_stored_event(
+            let applied = apply_stored_event(
                 &tx,
                 &event,
                 xid,
@@ -1369,7 +1427,7 @@ impl Store for PostgresStore {
                 &[&event.seq],
             )
             .await?;
-            Ok(created)
+            Ok(applied.runs)
         })
     }
 
@@ -1379,26 +1437,33 @@ impl Store for PostgresStore {
         matcher: Arc<dyn PauseMatcher>,
         now: i64,
         lease: (String, i64, usize),
-    ) -> StoreResult<(bool, Vec<QueueItem>)> {
+    ) -> StoreResult<(Vec<QueueItem>, Left)> {
         in_tx!(self, |tx| {
             let (owner, lease_until, max) = &lease;
-            let mut applied = true;
+            let mut left = Left::default();
             let mut leased = Vec::new();
             for (e, runs) in &events {
-                let Some(created) =
+                let Some(applied) =
                     insert_and_apply_event(&tx, e, runs, matcher.as_ref(), now).await?
                 else {
-                    applied = false;
+                    left.matcher = true;
                     continue;
                 };
-                for run_id in created {
-                    if leased.len() >= *max {
-                        break;
-                    }
-                    leased.extend(lease_next(&tx, &run_id, owner, now, *lease_until).await?);
+                left.queue |= applied.resumed;
+                for run_id in applied.runs {
+                    let next = if leased.len() < *max {
+                        lease_next(&tx, &run_id, owner, now, *lease_until).await?
+                    } else {
+                        None
+                    };
+                    // A run whose first call is not leased here (no free worker, or flow
+                    // control delays or holds it), or with more items (a timeout), is the
+                    // queue loop's too.
+                    left.queue |= next.is_none() || more_items(runs, &run_id);
+                    leased.extend(next);
                 }
             }
-            Ok((applied, leased))
+            Ok((leased, left))
         })
     }
 
@@ -1625,7 +1690,8 @@ impl Store for PostgresStore {
             }
         }
         in_tx!(self, |tx| apply_inner(&tx, &apply, matcher.as_ref(), now)
-            .await)
+            .await
+            .map(|_| ()))
     }
 
     async fn apply_and_continue(
@@ -1635,7 +1701,7 @@ impl Store for PostgresStore {
         now: i64,
         owner: &str,
         lease_until: i64,
-    ) -> StoreResult<Option<QueueItem>> {
+    ) -> StoreResult<(Option<QueueItem>, Left)> {
         if fast_shape(&apply) {
             // Scoped: the general path below takes a connection of its own.
             let fast = {
@@ -1643,15 +1709,16 @@ impl Store for PostgresStore {
                 apply_fast(&c, &apply, now, Some((owner, lease_until))).await
             };
             match fast {
-                Ok(Some(next)) => return Ok(next),
+                Ok(Some(next)) => return Ok((next, Left::default())),
                 Ok(None) => {}
                 Err(e) if retryable(&e) => {}
                 Err(e) => return Err(e.into()),
             }
         }
         in_tx!(self, |tx| {
-            apply_inner(&tx, &apply, matcher.as_ref(), now).await?;
-            lease_next(&tx, &apply.run_id, owner, now, lease_until).await
+            let left = apply_inner(&tx, &apply, matcher.as_ref(), now).await?;
+            let next = lease_next(&tx, &apply.run_id, owner, now, lease_until).await?;
+            Ok((next, left))
         })
     }
 
@@ -1682,45 +1749,23 @@ impl Store for PostgresStore {
         lease_until: i64,
         limit: usize,
     ) -> StoreResult<Vec<QueueItem>> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let last = self.last_repair.load(Relaxed);
-        let repair = now - last >= flow::REPAIR_EVERY_MS
-            && self
-                .last_repair
-                .compare_exchange(last, now, Relaxed, Relaxed)
-                .is_ok();
-        let mut items = Vec::new();
-        if !repair {
-            let (plain, flow_due) = {
-                let c = self.client().await?;
-                flow::claim_plain(&c, owner, now, lease_until, limit).await?
-            };
-            if !flow_due || plain.len() >= limit {
-                return Ok(plain);
-            }
-            items = plain;
-        }
-        // Items under flow control (or a repair is due): the locked path, for what is left.
-        // A second transaction; the leases already committed are independent of it and are
-        // handed out even if it fails, rather than left to expire unworked.
-        let rest = limit - items.len();
-        let more: StoreResult<Vec<QueueItem>> = in_tx!(self, |tx| flow::claim(
-            &tx,
-            owner,
-            now,
-            lease_until,
-            rest,
-            repair
-        )
-        .await);
-        match more {
-            Ok(more) => items.extend(more),
-            Err(e) if !items.is_empty() => {
-                tracing::warn!(error = %e, "claiming flow-controlled queue items");
-            }
-            Err(e) => return Err(e),
-        }
-        Ok(items)
+        Ok(self.claim_items(owner, now, lease_until, limit).await?.0)
+    }
+
+    async fn claim_next(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> StoreResult<(Vec<QueueItem>, Option<i64>)> {
+        let (items, next) = self.claim_items(owner, now, lease_until, limit).await?;
+        let next = match next {
+            _ if items.len() >= limit => None,
+            Some(next) => next,
+            None => self.next_due().await?,
+        };
+        Ok((items, next))
     }
 
     async fn renew(&self, owner: &str, ids: Vec<String>, lease_until: i64) -> StoreResult<()> {

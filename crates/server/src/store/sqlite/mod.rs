@@ -479,7 +479,7 @@ fn finish_run(
     insert_item(
         conn,
         &NewItem {
-            id: format!("{run_id}:finalize"),
+            id: finalize_item_id(run_id),
             run_id: run_id.to_string(),
             kind: ItemKind::Finalize,
             available_at: now,
@@ -591,7 +591,8 @@ fn apply_inner(
     a: &Apply,
     matcher: &dyn PauseMatcher,
     now: i64,
-) -> StoreResult<()> {
+) -> StoreResult<Left> {
+    let mut left = Left::default();
     let mut item_keys: Vec<String> = Vec::new();
     if let Some((id, owner)) = &a.item {
         type Held = (Option<String>, Option<String>, Option<String>);
@@ -625,7 +626,7 @@ fn apply_inner(
         .as_ref()
         .map(|r| r.status == RunStatus::Running)
         .unwrap_or(false);
-    let sql = || -> rusqlite::Result<()> {
+    let mut sql = || -> rusqlite::Result<()> {
         if running {
             if let Some(v) = a.version {
                 conn.prepare_cached("UPDATE runs SET version=? WHERE run_id=? AND version=-1")?
@@ -694,7 +695,10 @@ fn apply_inner(
             insert_event(conn, e)?;
         }
         for (e, runs) in &a.apply_events {
-            insert_and_apply_event(conn, e, runs, matcher, now)?;
+            match insert_and_apply_event(conn, e, runs, matcher, now)? {
+                Some(applied) => left.queue |= applied.resumed || !applied.runs.is_empty(),
+                None => left.matcher = true,
+            }
         }
         if let Some(id) = &a.reset_attempt {
             conn.prepare_cached("UPDATE queue SET attempt=0 WHERE id=?")?
@@ -725,21 +729,20 @@ fn apply_inner(
         }
         Ok(())
     };
-    sql().map_err(be)
+    sql().map_err(be)?;
+    Ok(left)
 }
 
-/// Create an event's runs (through flow control), resume or cancel the pauses it matches,
-/// and mark it processed: the whole of applying one event, in the caller's transaction.
 /// Stores a new event and applies it with its planned runs in the caller's transaction,
-/// unless an older event of its name is still unapplied: then it is only stored, and the
-/// matcher applies both in order. Returns the runs created.
+/// unless an older event of its name is still unapplied: then it is only stored, the
+/// matcher applies both in order, and `None` is returned.
 fn insert_and_apply_event(
     conn: &Connection,
     e: &NewEvent,
     runs: &[NewRun],
     matcher: &dyn PauseMatcher,
     now: i64,
-) -> rusqlite::Result<Vec<String>> {
+) -> rusqlite::Result<Option<EventApplied>> {
     let name = e.name();
     let backlog = conn
         .prepare_cached(
@@ -751,12 +754,14 @@ fn insert_and_apply_event(
         .is_some();
     let seq = insert_event(conn, e)?;
     if backlog {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     let runs = runs_after(runs, seq);
-    apply_event_inner(conn, &e.stored(seq), &runs, &[], matcher, now)
+    apply_event_inner(conn, &e.stored(seq), &runs, &[], matcher, now).map(Some)
 }
 
+/// Create an event's runs (through flow control), resume or cancel the pauses it matches,
+/// and mark it processed: the whole of applying one event, in the caller's transaction.
 fn apply_event_inner(
     conn: &Connection,
     event: &StoredEvent,
@@ -764,7 +769,7 @@ fn apply_event_inner(
     extra_events: &[NewEvent],
     matcher: &dyn PauseMatcher,
     now: i64,
-) -> rusqlite::Result<Vec<String>> {
+) -> rusqlite::Result<EventApplied> {
     let mut created = Vec::new();
     // An event is applied once: a second delivery must not re-match pauses.
     let processed: Option<i64> = conn
@@ -772,7 +777,7 @@ fn apply_event_inner(
         .query_row([event.seq], |r| r.get(0))
         .optional()?;
     if processed == Some(1) {
-        return Ok(created);
+        return Ok(EventApplied::default());
     }
     for r in runs {
         // A redelivered event must not use up a rate limit or join a batch twice.
@@ -851,17 +856,22 @@ fn apply_event_inner(
             .collect::<Result<_, _>>()?;
         pauses.extend(by_corr);
     }
+    let mut resumed = false;
     for p in pauses {
         if p.event_name != event.name || p.expires_at < now {
             continue;
         }
         if matcher.matches(&p, &event.event) {
             resume_pause(conn, &p, &event.event, now)?;
+            resumed = true;
         }
     }
     conn.prepare_cached("UPDATE events SET processed=1 WHERE seq=?")?
         .execute([event.seq])?;
-    Ok(created)
+    Ok(EventApplied {
+        runs: created,
+        resumed,
+    })
 }
 
 #[async_trait]
@@ -905,7 +915,9 @@ impl Store for SqliteStore {
         now: i64,
     ) -> StoreResult<Vec<String>> {
         self.write(move |conn| {
-            apply_event_inner(conn, &event, &runs, &extra_events, matcher.as_ref(), now).map_err(be)
+            apply_event_inner(conn, &event, &runs, &extra_events, matcher.as_ref(), now)
+                .map(|applied| applied.runs)
+                .map_err(be)
         })
         .await
     }
@@ -916,11 +928,12 @@ impl Store for SqliteStore {
         matcher: Arc<dyn PauseMatcher>,
         now: i64,
         lease: (String, i64, usize),
-    ) -> StoreResult<(bool, Vec<QueueItem>)> {
+    ) -> StoreResult<(Vec<QueueItem>, Left)> {
         self.write(move |conn| {
-            let go = || -> rusqlite::Result<(bool, Vec<QueueItem>)> {
+            let go = || -> rusqlite::Result<(Vec<QueueItem>, Left)> {
                 let (owner, lease_until, max) = &lease;
                 let mut leased = Vec::new();
+                let mut left = Left::default();
                 // Events are applied in arrival order: with a backlog (say, after a crash)
                 // these wait their turn behind it.
                 let backlog = conn
@@ -931,9 +944,10 @@ impl Store for SqliteStore {
                 for (e, runs) in &events {
                     let seq = insert_event(conn, e)?;
                     if backlog {
+                        left.matcher = true;
                         continue;
                     }
-                    let created = apply_event_inner(
+                    let applied = apply_event_inner(
                         conn,
                         &e.stored(seq),
                         &runs_after(runs, seq),
@@ -941,14 +955,21 @@ impl Store for SqliteStore {
                         matcher.as_ref(),
                         now,
                     )?;
-                    for run_id in created {
-                        if leased.len() >= *max {
-                            break;
-                        }
-                        leased.extend(flow::lease_next(conn, &run_id, owner, now, *lease_until)?);
+                    left.queue |= applied.resumed;
+                    for run_id in applied.runs {
+                        let next = if leased.len() < *max {
+                            flow::lease_next(conn, &run_id, owner, now, *lease_until)?
+                        } else {
+                            None
+                        };
+                        // A run whose first call is not leased here (no free worker, or flow
+                        // control delays or holds it), or with more items (a timeout), is the
+                        // queue loop's too.
+                        left.queue |= next.is_none() || more_items(runs, &run_id);
+                        leased.extend(next);
                     }
                 }
-                Ok((!backlog, leased))
+                Ok((leased, left))
             };
             go().map_err(be)
         })
@@ -1129,7 +1150,7 @@ impl Store for SqliteStore {
         matcher: Arc<dyn PauseMatcher>,
         now: i64,
     ) -> StoreResult<()> {
-        self.write(move |conn| apply_inner(conn, &apply, matcher.as_ref(), now))
+        self.write(move |conn| apply_inner(conn, &apply, matcher.as_ref(), now).map(|_| ()))
             .await
     }
 
@@ -1140,11 +1161,12 @@ impl Store for SqliteStore {
         now: i64,
         owner: &str,
         lease_until: i64,
-    ) -> StoreResult<Option<QueueItem>> {
+    ) -> StoreResult<(Option<QueueItem>, Left)> {
         let owner = owner.to_string();
         self.write(move |conn| {
-            apply_inner(conn, &apply, matcher.as_ref(), now)?;
-            flow::lease_next(conn, &apply.run_id, &owner, now, lease_until).map_err(be)
+            let left = apply_inner(conn, &apply, matcher.as_ref(), now)?;
+            let next = flow::lease_next(conn, &apply.run_id, &owner, now, lease_until);
+            Ok((next.map_err(be)?, left))
         })
         .await
     }
