@@ -195,6 +195,10 @@ struct NodesArgs {
     /// Time budget per phase, seconds (measured part).
     #[arg(long = "nodes-budget-s")]
     nodes_budget_s: Option<u64>,
+    /// Send every run to the first node, leaving the others idle beside it: what nodes
+    /// that take no traffic cost the one that does.
+    #[arg(long = "nodes-send-to-first")]
+    nodes_send_to_first: bool,
 }
 
 struct Scenario {
@@ -1509,6 +1513,11 @@ async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
             let res = async {
                 let mut stack =
                     systems::start_cairn_nodes(paths, &format!("nodes-{k}"), c, &url, k).await?;
+                if let (true, systems::Driver::Cairn { bases, .. }) =
+                    (a.nodes_send_to_first, &mut stack.driver)
+                {
+                    bases.truncate(1);
+                }
                 let res = async {
                     let (s0, c0) = db_counters(&stack).await?;
                     let pg0 = procs::cpu_of_all("postgres");
@@ -1559,7 +1568,12 @@ async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
     }
     let mut md = String::from("## Several nodes on PostgreSQL\n\n");
     md.push_str(&format!(
-        "`cairn dev` nodes sharing one PostgreSQL {version} database (fsync=on, synchronous_commit=on), each phase on a fresh database and fresh processes; one Rust SDK app; the founding function at C={c}, 1 KiB, {n} measured runs after a warm-up, run i sent to node i mod k and awaited there. Statements are counted by each node (`cairn_db_statements_total`, BEGIN and COMMIT included) over warm-up and measured runs; an SDK call is one request to the app (4 per run: 3 steps and the final return).\n\n"
+        "`cairn dev` nodes sharing one PostgreSQL {version} database (fsync=on, synchronous_commit=on), each phase on a fresh database and fresh processes; one Rust SDK app; the founding function at C={c}, 1 KiB, {n} measured runs after a warm-up, {}. Statements are counted by each node (`cairn_db_statements_total`, BEGIN and COMMIT included) over warm-up and measured runs; an SDK call is one request to the app (4 per run: 3 steps and the final return).\n\n",
+        if a.nodes_send_to_first {
+            "every run sent to the first node and awaited there, the other nodes idle beside it"
+        } else {
+            "run i sent to node i mod k and awaited there"
+        }
     ));
     md.push_str("| round | nodes | runs/s | p50 ms | p99 ms | server CPU-s /1k runs (all nodes) | PostgreSQL CPU-s /1k runs | app CPU-s /1k runs | statements / run | statements / SDK call | ok / errors |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for p in &phases {
@@ -1603,7 +1617,7 @@ async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
             if smoke { "smoke-" } else { "" },
             stamp()
         ),
-        &json!({ "machine": machine_description().trim(), "smoke": smoke, "postgres": version, "phases": phases }),
+        &json!({ "machine": machine_description().trim(), "smoke": smoke, "postgres": version, "send_to_first": a.nodes_send_to_first, "phases": phases }),
     )?;
     println!("results: {}", path.display());
     if errors > 0 {

@@ -17,6 +17,8 @@ pub struct RunWaiters {
     inner: Mutex<HashMap<String, (Arc<Notify>, usize)>>,
     /// Every run end is announced here, whoever committed it (a shared store's feed runs).
     fed: std::sync::atomic::AtomicBool,
+    /// Someone registered: the feed of other nodes' run ends is wanted.
+    wanted: Notify,
 }
 
 /// One registered waiter; dropping it unregisters.
@@ -35,16 +37,26 @@ impl RunWaiters {
             .entry(run_id.to_string())
             .or_insert_with(|| (Arc::new(Notify::new()), 0));
         e.1 += 1;
+        let notify = e.0.clone();
+        drop(m);
+        self.wanted.notify_one();
         Waiter {
             table: self,
             run_id: run_id.to_string(),
-            notify: e.0.clone(),
+            notify,
         }
     }
 
     /// The run ended: wake everyone waiting on it.
     pub fn ended(&self, run_id: &str) {
         if let Some((n, _)) = self.inner.lock().get(run_id) {
+            n.notify_waiters();
+        }
+    }
+
+    /// Wake every waiter to re-read its run (ends may have gone unannounced until now).
+    fn wake_all(&self) {
+        for (n, _) in self.inner.lock().values() {
             n.notify_waiters();
         }
     }
@@ -71,31 +83,65 @@ impl RunWaiters {
     }
 }
 
+/// How long the feed of other nodes' run ends is kept after the last waiter has gone, so
+/// that steady traffic does not start and stop it.
+const FEED_LINGER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Wake this node's waiters for runs other nodes end (shared stores only), until shutdown.
+///
+/// The store's feed is taken only while somebody waits here (and a while after): every
+/// node listening is told of every run's end, which costs the database and the node CPU
+/// per run, and most nodes of a deployment never hold a `wait_ms` request.
 pub async fn run_remote_ends(engine: Arc<Engine>) {
-    let Some(mut ends) = engine.store.run_ends() else {
-        return;
-    };
-    let fed = |on: bool| {
-        engine
-            .run_waiters
-            .fed
-            .store(on, std::sync::atomic::Ordering::Relaxed)
-    };
+    let waiters = &engine.run_waiters;
+    let fed = |on: bool| waiters.fed.store(on, std::sync::atomic::Ordering::Relaxed);
     let mut shutdown = engine.shutdown.clone();
     loop {
-        tokio::select! {
-            r = ends.recv() => match r {
-                Ok(RunEnd::Ended(run_id)) => engine.run_waiters.ended(&run_id),
-                // Until the feed announces every end, waiters keep re-reading often.
-                Ok(RunEnd::Announcing) => fed(true),
-                Ok(RunEnd::Unannounced) => fed(false),
-                // Missed ids: their waiters find the end on their next re-read.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            },
-            _ = shutdown.changed() => return,
+        // Nobody waits: no feed until somebody does.
+        while waiters.is_empty() {
+            let wanted = waiters.wanted.notified();
+            tokio::pin!(wanted);
+            wanted.as_mut().enable();
+            if !waiters.is_empty() {
+                break;
+            }
+            tokio::select! {
+                _ = wanted => {}
+                _ = shutdown.changed() => return,
+            }
         }
+        let Some(mut ends) = engine.store.run_ends() else {
+            return;
+        };
+        let mut check = tokio::time::interval(FEED_LINGER / 6);
+        let mut idle_since: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                r = ends.recv() => match r {
+                    Ok(RunEnd::Ended(run_id)) => waiters.ended(&run_id),
+                    // Until the feed announces every end, waiters keep re-reading often; once
+                    // it does, each re-reads at once for ends it missed before.
+                    Ok(RunEnd::Announcing) => {
+                        fed(true);
+                        waiters.wake_all();
+                    }
+                    Ok(RunEnd::Unannounced) => fed(false),
+                    // Missed ids: their waiters find the end on their next re-read.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+                _ = check.tick() => {
+                    let now = tokio::time::Instant::now();
+                    if !waiters.is_empty() {
+                        idle_since = None;
+                    } else if now - *idle_since.get_or_insert(now) >= FEED_LINGER {
+                        break;
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+        fed(false);
     }
 }
 

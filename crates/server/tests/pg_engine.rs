@@ -183,16 +183,32 @@ async fn a_sync_on_one_node_reaches_the_others() {
 
 /// A run ended on one node answers a `wait_ms` request held by another at once: the end is
 /// announced through the database, not found by the other node's next re-read (5 s apart
-/// when the feed runs).
+/// when the feed runs). A node listens for those announcements only while it holds such a
+/// request: every listening node is woken for every run's end.
 #[tokio::test]
 async fn a_run_ended_on_one_node_answers_a_wait_on_another() {
+    use cairn_server::store::{PgOptions, PostgresStore};
     use std::time::{Duration, Instant};
     let (a, schema) = pg_server().await;
-    let (b, b_base) = pg_support::another_node(
-        &schema,
+    let b_store = std::sync::Arc::new(
+        PostgresStore::connect(
+            &pg_support::pg_url(),
+            PgOptions {
+                pool_size: 4,
+                schema: Some(schema.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let b = cairn_server::Server::start(
         cairn_server::Config::dev("127.0.0.1:0".parse().unwrap()),
+        b_store.clone(),
     )
-    .await;
+    .await
+    .unwrap();
+    let b_base = format!("http://{}", b.addr());
     let app = FakeApp::start(
         "ends",
         vec![FakeFn::new(
@@ -209,6 +225,10 @@ async fn a_run_ended_on_one_node_answers_a_wait_on_another() {
         .unwrap()
         .to_string();
     // The run is parked on its wait; B is asked to hold the answer until it ends.
+    assert!(
+        !b_store.relaying_run_ends(),
+        "B listens for run ends while nobody waits on it"
+    );
     let waiting = tokio::spawn({
         let url = format!("{b_base}/v1/runs/{run_id}?wait_ms=20000");
         async move {
@@ -218,6 +238,10 @@ async fn a_run_ended_on_one_node_answers_a_wait_on_another() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "B answered before the run ended");
+    assert!(
+        b_store.relaying_run_ends(),
+        "B holds a wait but does not listen"
+    );
     let cancelled_at = Instant::now();
     let r = reqwest::Client::new()
         .delete(format!("{}/v1/runs/{run_id}", a.base))

@@ -153,8 +153,17 @@ pub struct PostgresStore {
     last_repair: std::sync::atomic::AtomicI64,
     /// Where the `LISTEN` connection for [`Store::run_ends`] goes (the pool's settings).
     listen_cfg: tokio_postgres::Config,
-    /// Fan-out of [`RUN_ENDED`] notifications, started by the first [`Store::run_ends`].
-    ends: std::sync::OnceLock<tokio::sync::broadcast::Sender<RunEnd>>,
+    /// Fan-out of [`RUN_ENDED`] notifications while anyone holds a receiver: started by
+    /// [`Store::run_ends`], stopped (and the `LISTEN` connection closed) by its task when the
+    /// last receiver has gone.
+    ends: Arc<parking_lot::Mutex<Option<EndsFeed>>>,
+}
+
+/// A running relay of [`RUN_ENDED`] notifications.
+struct EndsFeed {
+    tx: tokio::sync::broadcast::Sender<RunEnd>,
+    /// Its `LISTEN` is in effect (a new receiver is told so with [`RunEnd::Announcing`]).
+    listening: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Channel on which every run end is announced (payload: the run id), at commit.
@@ -164,11 +173,26 @@ const RUN_ENDED: &str = "cairn_run_ended";
 const RUN_ENDS_BUFFER: usize = 1024;
 
 /// Relays [`RUN_ENDED`] notifications to `tx` over a connection of its own, reconnecting
-/// after errors, until nobody holds a receiver.
-async fn listen_for_ends(cfg: tokio_postgres::Config, tx: tokio::sync::broadcast::Sender<RunEnd>) {
+/// after errors, until nobody holds a receiver; then clears `feed` (under its lock, so a
+/// receiver is never handed out by a relay that is stopping).
+async fn listen_for_ends(
+    cfg: tokio_postgres::Config,
+    tx: tokio::sync::broadcast::Sender<RunEnd>,
+    listening_flag: Arc<std::sync::atomic::AtomicBool>,
+    feed: Arc<parking_lot::Mutex<Option<EndsFeed>>>,
+) {
     use futures::StreamExt;
+    use std::sync::atomic::Ordering::SeqCst;
+    let unwanted = || {
+        let mut slot = feed.lock();
+        let gone = tx.receiver_count() == 0;
+        if gone {
+            *slot = None;
+        }
+        gone
+    };
     let mut idle_check = tokio::time::interval(Duration::from_secs(5));
-    while tx.receiver_count() > 0 {
+    while !unwanted() {
         let (client, mut conn) = match cfg.connect(tokio_postgres::NoTls).await {
             Ok(c) => c,
             Err(e) => {
@@ -187,6 +211,7 @@ async fn listen_for_ends(cfg: tokio_postgres::Config, tx: tokio::sync::broadcast
                 r = &mut listen, if !listening => match r {
                     Ok(()) => {
                         listening = true;
+                        listening_flag.store(true, SeqCst);
                         let _ = tx.send(RunEnd::Announcing);
                     }
                     Err(e) => {
@@ -205,11 +230,12 @@ async fn listen_for_ends(cfg: tokio_postgres::Config, tx: tokio::sync::broadcast
                     }
                     None => break,
                 },
-                _ = idle_check.tick() => if tx.receiver_count() == 0 {
+                _ = idle_check.tick() => if unwanted() {
                     return;
                 },
             }
         }
+        listening_flag.store(false, SeqCst);
         let _ = tx.send(RunEnd::Unannounced);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -1135,6 +1161,12 @@ fn quote_ident(s: &str) -> String {
 }
 
 impl PostgresStore {
+    /// Whether this store is relaying other processes' run ends ([`Store::run_ends`]) right
+    /// now: only while somebody holds a receiver (and until its relay notices they have gone).
+    pub fn relaying_run_ends(&self) -> bool {
+        self.ends.lock().is_some()
+    }
+
     /// The claim, and the next due time when the plain claim alone answered it (`None`
     /// when the flow-controlled path ran, which does not read it).
     async fn claim_items(
@@ -1311,7 +1343,7 @@ impl PostgresStore {
             pool,
             last_repair: Default::default(),
             listen_cfg,
-            ends: std::sync::OnceLock::new(),
+            ends: Default::default(),
         })
     }
 
@@ -1723,12 +1755,25 @@ impl Store for PostgresStore {
     }
 
     fn run_ends(&self) -> Option<tokio::sync::broadcast::Receiver<RunEnd>> {
-        let tx = self.ends.get_or_init(|| {
-            let (tx, _) = tokio::sync::broadcast::channel(RUN_ENDS_BUFFER);
-            tokio::spawn(listen_for_ends(self.listen_cfg.clone(), tx.clone()));
-            tx
-        });
-        Some(tx.subscribe())
+        let mut slot = self.ends.lock();
+        if let Some(feed) = slot.as_ref() {
+            let rx = feed.tx.subscribe();
+            // The new receiver missed the announcement; the others hear it again, harmlessly.
+            if feed.listening.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = feed.tx.send(RunEnd::Announcing);
+            }
+            return Some(rx);
+        }
+        let (tx, rx) = tokio::sync::broadcast::channel(RUN_ENDS_BUFFER);
+        let listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tokio::spawn(listen_for_ends(
+            self.listen_cfg.clone(),
+            tx.clone(),
+            listening.clone(),
+            self.ends.clone(),
+        ));
+        *slot = Some(EndsFeed { tx, listening });
+        Some(rx)
     }
 
     async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool> {
