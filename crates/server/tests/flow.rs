@@ -397,6 +397,44 @@ async fn batch_fills_then_times_out() {
     assert!(t.elapsed() <= Duration::from_secs(5));
 }
 
+/// The event that fills a batch starts its run at once, not at the batch's timeout nor at the
+/// queue's next safety-net poll: the commit that closes the batch wakes the queue.
+#[tokio::test]
+async fn a_full_batch_starts_at_once() {
+    let (ts, _p) = setup(|c, p| {
+        vec![worker(
+            c,
+            "full",
+            "flow/full",
+            Duration::ZERO,
+            p,
+            all,
+            |f| f.batch_events(Batch::new(2, Duration::from_secs(60))),
+        )]
+    })
+    .await;
+    let first = ts
+        .send(json!({"name": "flow/full", "data": {"i": 0}}))
+        .await;
+    // Let the queue loop settle into its wait (until the batch's timeout, or its poll).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let second = ts
+        .send(json!({"name": "flow/full", "data": {"i": 1}}))
+        .await;
+    let run = ended(&ts, &second).await;
+    assert_eq!(run[0]["output"]["events"], 2);
+    assert_eq!(
+        ts.runs_of(&first[0], 1).await[0]["run_id"],
+        run[0]["run_id"]
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "the full batch ran {:?} after its last event",
+        t.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn batch_if_false_runs_alone_at_once() {
     let (ts, _p) = setup(|c, p| {

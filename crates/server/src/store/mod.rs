@@ -156,6 +156,13 @@ pub(crate) fn more_items(runs: &[NewRun], run_id: &str) -> bool {
         .is_none_or(|r| r.items.len() > 1)
 }
 
+/// What applying an event with these planned runs left for the queue loop, whether or not
+/// the runs were created: work of other runs when any is under flow control, and the
+/// pauses the event resumed.
+pub(crate) fn left_for_queue(runs: &[NewRun], applied: &EventApplied) -> bool {
+    applied.resumed || runs.iter().any(|r| !r.flow.is_none())
+}
+
 /// Id of the item that finalises an ended run (emits its lifecycle events).
 pub fn finalize_item_id(run_id: &str) -> String {
     format!("{run_id}:finalize")
@@ -504,6 +511,22 @@ pub struct RunFlow {
     pub batch: Option<Batch>,
     /// Milliseconds to move the start ahead (positive) or behind in the queue.
     pub priority_ms: i64,
+}
+
+impl RunFlow {
+    /// No flow control at all. Admitting a run under flow control may change other runs'
+    /// items (a full batch starts, a singleton cancels the running one), which only the
+    /// queue loop then finds.
+    pub fn is_none(&self) -> bool {
+        self.concurrency.is_empty()
+            && self.run_slot.is_none()
+            && self.throttle.is_none()
+            && self.rate_limit.is_none()
+            && self.singleton.is_none()
+            && self.debounce.is_none()
+            && self.batch.is_none()
+            && self.priority_ms == 0
+    }
 }
 
 /// A debounce resolved for one event.

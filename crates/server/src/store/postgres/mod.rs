@@ -962,7 +962,9 @@ async fn apply_inner<C: GenericClient>(
     }
     for (e, runs) in &a.apply_events {
         match insert_and_apply_event(c, e, runs, matcher, now).await? {
-            Some(applied) => left.queue |= applied.resumed || !applied.runs.is_empty(),
+            Some(applied) => {
+                left.queue |= left_for_queue(runs, &applied) || !applied.runs.is_empty()
+            }
             None => left.matcher = true,
         }
     }
@@ -1481,7 +1483,7 @@ impl Store for PostgresStore {
                     left.matcher = true;
                     continue;
                 };
-                left.queue |= applied.resumed;
+                left.queue |= left_for_queue(runs, &applied);
                 for run_id in applied.runs {
                     let next = if leased.len() < *max {
                         lease_next(&tx, &run_id, owner, now, *lease_until).await?

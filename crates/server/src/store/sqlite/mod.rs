@@ -696,7 +696,9 @@ fn apply_inner(
         }
         for (e, runs) in &a.apply_events {
             match insert_and_apply_event(conn, e, runs, matcher, now)? {
-                Some(applied) => left.queue |= applied.resumed || !applied.runs.is_empty(),
+                Some(applied) => {
+                    left.queue |= left_for_queue(runs, &applied) || !applied.runs.is_empty()
+                }
                 None => left.matcher = true,
             }
         }
@@ -955,7 +957,7 @@ impl Store for SqliteStore {
                         matcher.as_ref(),
                         now,
                     )?;
-                    left.queue |= applied.resumed;
+                    left.queue |= left_for_queue(runs, &applied);
                     for run_id in applied.runs {
                         let next = if leased.len() < *max {
                             flow::lease_next(conn, &run_id, owner, now, *lease_until)?
