@@ -451,6 +451,12 @@ pub(super) fn claim(
 
 /// Lease the run's next due item to `owner` if its concurrency keys have room, unless it is
 /// a first call (run keys, an open debounce or batch), which only the claim path handles.
+/// A run's next due item, read in the commit of each step; `queue_run_due` serves it in order.
+const LEASE_NEXT: &str = "SELECT id, kind, attempt, available_at, ck1, cl1, ck2, cl2 FROM queue
+    WHERE run_id=? AND lease_owner IS NULL AND due_at<=? AND blocked_on IS NULL
+      AND rk IS NULL AND hold IS NULL
+    ORDER BY due_at LIMIT 1";
+
 pub(super) fn lease_next(
     conn: &Connection,
     run_id: &str,
@@ -460,12 +466,7 @@ pub(super) fn lease_next(
 ) -> rusqlite::Result<Option<QueueItem>> {
     type Next = (String, String, i64, i64, Vec<(String, i64)>);
     let next: Option<Next> = conn
-        .prepare_cached(
-            "SELECT id, kind, attempt, available_at, ck1, cl1, ck2, cl2 FROM queue
-             WHERE run_id=? AND lease_owner IS NULL AND due_at<=? AND blocked_on IS NULL
-               AND rk IS NULL AND hold IS NULL
-             ORDER BY due_at LIMIT 1",
-        )?
+        .prepare_cached(LEASE_NEXT)?
         .query_row(params![run_id, now], |r| {
             let keys = row_keys(r, &[(4, 5), (6, 7)])?;
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, keys))
@@ -578,8 +579,37 @@ pub(super) fn run_queue(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{SqliteStore, MIGRATIONS, SCHEMA_VERSION};
+    use super::super::{SqliteStore, LOAD_STEPS, MIGRATIONS, SCHEMA_VERSION};
+    use super::LEASE_NEXT;
     use crate::store::Store;
+
+    /// The statements run for every step read their rows in index order: a temporary B-tree
+    /// (SQLite's sort) costs an allocation of a page cache on each call, which showed up in
+    /// profiles of the single writer thread.
+    #[test]
+    fn per_step_reads_do_not_sort() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plan.db");
+        drop(SqliteStore::open(&path).unwrap());
+        let c = rusqlite::Connection::open(&path).unwrap();
+        for sql in [LEASE_NEXT, LOAD_STEPS] {
+            let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let nulls = vec![rusqlite::types::Null; stmt.parameter_count()];
+            let plan: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(nulls), |r| r.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter().all(|step| !step.contains("TEMP B-TREE")),
+                "{sql}: {plan:?}"
+            );
+            assert!(
+                plan.iter().any(|step| step.contains("USING INDEX")),
+                "{sql}: {plan:?}"
+            );
+        }
+    }
 
     /// A database written by the previous schema opens, migrates and keeps its data.
     #[tokio::test]

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 mod flow;
 
 /// Schema version stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Most closures merged into one transaction; bounds commit latency under load.
 const MAX_BATCH: usize = 512;
@@ -89,12 +89,17 @@ CREATE TABLE cron(
 "#;
 
 /// Schema steps: `MIGRATIONS[v]` takes a version-`v` database to version `v + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA, flow::SCHEMA_V2, SCHEMA_V3];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA, flow::SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
 
 /// Version 3: unapplied events by name, for the check that an event applied in the commit
 /// that stores it does not overtake an older one of its name (`events_name` would walk the
 /// name's whole history).
 const SCHEMA_V3: &str = "CREATE INDEX events_unprocessed_name ON events(name) WHERE processed = 0;";
+
+/// Version 4: a run's queue items in due order, so that leasing a run's next item (once per
+/// step) reads the first entry instead of sorting the run's items in a temporary B-tree.
+const SCHEMA_V4: &str =
+    "DROP INDEX queue_run; CREATE INDEX queue_run_due ON queue(run_id, due_at);";
 
 /// Reader connections kept open: enough to overlap reads with the writer on a few cores.
 const READERS: usize = 4;
@@ -115,7 +120,12 @@ fn open_conn(path: &Path) -> StoreResult<Connection> {
     // the default 16, so an LRU of 16 re-parsed most of them on every commit (10 % of the
     // server's CPU in `sqlite3Prepare` at C=16).
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    conn.execute_batch("PRAGMA foreign_keys=OFF;")
+    // temp_store=MEMORY keeps the writer's sub-journal (the undo copy of each page a job's
+    // savepoint touches) in memory. By default it spills to a temporary file once it passes
+    // 64 KiB, so most group commits created, wrote, closed and unlinked a file on the
+    // writer thread. The in-memory sub-journal is emptied at each job's RELEASE, so it holds
+    // one job's pages at most.
+    conn.execute_batch("PRAGMA foreign_keys=OFF; PRAGMA temp_store=MEMORY;")
         .map_err(|e| StoreError::Unusable(format!("{}: {e}", path.display())))?;
     Ok(conn)
 }
@@ -437,10 +447,23 @@ fn save_memo(conn: &Connection, run_id: &str, hash: &str, memo: &Value) -> rusql
     Ok(())
 }
 
+/// A run's memoised steps, read for every SDK call. Sorted by `load_steps` rather than with
+/// ORDER BY: the rows are found through the (run_id, hash) index, so SQLite would build a
+/// temporary B-tree to sort a handful of rows.
+const LOAD_STEPS: &str = "SELECT seq, hash, memo FROM steps WHERE run_id=?";
+
 fn load_steps(conn: &Connection, run_id: &str) -> rusqlite::Result<Vec<(String, Value)>> {
-    conn.prepare_cached("SELECT hash, memo FROM steps WHERE run_id=? ORDER BY seq")?
-        .query_map([run_id], |r| Ok((r.get(0)?, pj(&r.get::<_, String>(1)?))))?
-        .collect()
+    let mut rows: Vec<(i64, String, Value)> = conn
+        .prepare_cached(LOAD_STEPS)?
+        .query_map([run_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, pj(&r.get::<_, String>(2)?)))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    rows.sort_unstable_by_key(|(seq, ..)| *seq);
+    Ok(rows
+        .into_iter()
+        .map(|(_, hash, memo)| (hash, memo))
+        .collect())
 }
 
 fn load_run(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<Run>> {
@@ -1024,10 +1047,15 @@ impl Store for SqliteStore {
         self.read(move |c| {
             c.prepare_cached(&format!(
                 "SELECT {RUN_COLS} FROM runs WHERE trigger_event=?1
-                 OR run_id IN (SELECT run_id FROM run_triggers WHERE internal_id=?1) ORDER BY run_id"
+                 OR run_id IN (SELECT run_id FROM run_triggers WHERE internal_id=?1)"
             ))?
             .query_map([id], row_run)?
-            .collect()
+            .collect::<rusqlite::Result<Vec<Run>>>()
+            // Sorted here: ORDER BY over the two indexes' union needs a temporary B-tree.
+            .map(|mut runs| {
+                runs.sort_unstable_by(|a, b| a.run_id.cmp(&b.run_id));
+                runs
+            })
         })
         .await
     }
