@@ -7,8 +7,8 @@
 
 use crate::registry::FunctionEntry;
 use crate::store::{
-    Apply, Finish, ItemKind, Left, NewEvent, NewItem, NewRun, Pause, PauseKind, QueueItem, Run,
-    RunStatus, StoreResult, StoredEvent,
+    Apply, CallState, Finish, ItemKind, Left, NewEvent, NewItem, NewRun, Pause, PauseKind,
+    QueueItem, Run, RunStatus, StoreResult, StoredEvent,
 };
 use crate::Engine;
 use cairn_protocol::{
@@ -255,9 +255,24 @@ async fn finalize(engine: &Engine, item: &QueueItem) -> anyhow::Result<Apply> {
         run_id: item.run_id.clone(),
         ..Default::default()
     };
-    let Some(run) = engine.store.get_run(&item.run_id).await? else {
-        return Ok(apply);
-    };
+    if let Some(run) = engine.store.get_run(&item.run_id).await? {
+        let output = run.output.clone().unwrap_or(Value::Null);
+        apply.apply_events = lifecycle_events(engine, &run, run.status, &output, engine.now());
+    }
+    Ok(apply)
+}
+
+/// The events announcing a run's end (`inngest/function.finished`, and `.failed` or
+/// `.cancelled`), each with the runs planned for it. They are applied in the commit that
+/// stores them (an invoking run resumes, onFailure handlers start), so no matcher on any node
+/// has to pick them up.
+fn lifecycle_events(
+    engine: &Engine,
+    run: &Run,
+    status: RunStatus,
+    output: &Value,
+    now: i64,
+) -> Vec<(NewEvent, Vec<NewRun>)> {
     let trigger = run.events.first().cloned().unwrap_or(Value::Null);
     let trigger_name = trigger
         .get("name")
@@ -265,21 +280,19 @@ async fn finalize(engine: &Engine, item: &QueueItem) -> anyhow::Result<Apply> {
         .unwrap_or_default();
     // Runs started by lifecycle events emit none, or onFailure handlers would recurse.
     if trigger_name == "inngest/function.finished" || trigger_name == "inngest/function.failed" {
-        return Ok(apply);
+        return Vec::new();
     }
-    let now = engine.now();
     let mut data = Map::new();
     data.insert("function_id".into(), json!(run.fn_slug));
     data.insert("run_id".into(), json!(run.run_id));
     data.insert("event".into(), trigger.clone());
     data.insert("events".into(), json!(run.events));
-    let output = run.output.clone().unwrap_or(Value::Null);
-    match run.status {
+    match status {
         RunStatus::Completed => {
-            data.insert("result".into(), output);
+            data.insert("result".into(), output.clone());
         }
         _ => {
-            let mut err = output;
+            let mut err = output.clone();
             if let Some(o) = err.as_object_mut() {
                 if !o.contains_key("error") {
                     let name = o
@@ -301,7 +314,7 @@ async fn finalize(engine: &Engine, item: &QueueItem) -> anyhow::Result<Apply> {
     if let Some(c) = trigger.pointer("/data/_inngest/correlation_id") {
         data.insert("correlation_id".into(), c.clone());
     }
-    data.insert("_inngest".into(), json!({"status": run.status.as_str()}));
+    data.insert("_inngest".into(), json!({"status": status.as_str()}));
     let data = Value::Object(data);
     let mk = |name: &str, id: String| NewEvent {
         internal_id: ulid::Ulid::new().to_string(),
@@ -313,21 +326,18 @@ async fn finalize(engine: &Engine, item: &QueueItem) -> anyhow::Result<Apply> {
         "inngest/function.finished",
         ulid::Ulid::new().to_string(),
     )];
-    match run.status {
+    match status {
         RunStatus::Failed => events.push(mk("inngest/function.failed", run.run_id.clone())),
         RunStatus::Cancelled => events.push(mk("inngest/function.cancelled", run.run_id.clone())),
         _ => {}
     }
-    // Applied in the commit that stores them (an invoking run resumes, onFailure handlers
-    // start), so no matcher on any node has to pick them up.
-    apply.apply_events = events
+    events
         .into_iter()
         .map(|e| {
             let runs = crate::matcher::plan_new_event(engine, &e, now);
             (e, runs)
         })
-        .collect();
-    Ok(apply)
+        .collect()
 }
 
 /// What a call came back with, before it is turned into writes.
@@ -604,6 +614,7 @@ impl NewWork {
         match (items.next(), items.next(), &apply.finish) {
             (None, _, None) => NewWork::Nothing,
             (Some(item), None, None) => NewWork::One(item.id.clone()),
+            (None, _, Some(_)) if apply.lifecycle.is_some() => NewWork::Nothing,
             (None, _, Some(_)) => NewWork::One(crate::store::finalize_item_id(&apply.run_id)),
             _ => NewWork::Unknown,
         }
@@ -629,19 +640,45 @@ async fn call(
     predecessor: Option<String>,
     limited: &mut bool,
 ) -> anyhow::Result<Apply> {
-    let now = engine.now();
-    let mut apply = Apply {
+    let apply = Apply {
         item: Some((item.id.clone(), engine.owner.clone())),
         run_id: item.run_id.clone(),
         ..Default::default()
     };
-    let Some(state) = engine.store.call_state(&item.run_id).await? else {
+    let Some(mut state) = engine.store.call_state(&item.run_id).await? else {
         return Ok(apply);
     };
-    let run = state.run;
-    if run.status != RunStatus::Running {
+    if state.run.status != RunStatus::Running {
         return Ok(apply);
     }
+    let mut apply = call_run(engine, item, step, predecessor, limited, apply, &mut state).await?;
+    // A call that ends the run has the run at hand, so its lifecycle events go into the same
+    // commit: no finalisation item, no second read of the run, no second commit.
+    if let Some(f) = &apply.finish {
+        apply.lifecycle = Some(lifecycle_events(
+            engine,
+            &state.run,
+            f.status,
+            &f.output,
+            engine.now(),
+        ));
+    }
+    Ok(apply)
+}
+
+/// Calls the SDK for a running run and turns its answer into writes. The run's memoised
+/// steps are moved out of `state` into the request.
+async fn call_run(
+    engine: &Engine,
+    item: &QueueItem,
+    step: Option<String>,
+    predecessor: Option<String>,
+    limited: &mut bool,
+    mut apply: Apply,
+    state: &mut CallState,
+) -> anyhow::Result<Apply> {
+    let now = engine.now();
+    let run = &state.run;
     let Some(function) = engine.registry.get(&run.fn_slug) else {
         apply.finish = Some(Finish {
             status: RunStatus::Failed,
@@ -679,12 +716,12 @@ async fn call(
         }
     }
     let max_attempts = function.max_attempts() as i64;
-    let (memos, since_seq) = (state.steps, state.high_water);
+    let (memos, since_seq) = (std::mem::take(&mut state.steps), state.high_water);
     let step_id = step
         .clone()
         .unwrap_or_else(|| cairn_protocol::STEP_DISCOVERY.to_string());
     let body = build_body(
-        &run,
+        run,
         memos,
         item.attempt,
         max_attempts,

@@ -119,6 +119,7 @@ both_backends!(
     memo_first_write_wins_and_lease_guards_results,
     pause_created_after_event_is_still_resumed,
     finishing_a_run_clears_work_and_queues_finalisation,
+    a_result_that_ends_the_run_applies_its_lifecycle_events_in_the_same_commit,
     cron_ticks_fire_once,
     prune_deletes_only_old_finished_history,
     writes_from_a_superseded_dispatch_are_refused,
@@ -367,6 +368,64 @@ async fn finishing_a_run_clears_work_and_queues_finalisation(db: &Db) {
     let items = store.claim("A", 100, 200, 10).await.unwrap();
     assert_eq!(items.len(), 1);
     assert_eq!(items[0].kind, ItemKind::Finalize);
+}
+
+/// A result that ends its run and brings the run's lifecycle events stores them with the end
+/// and queues no finalisation; a result for a run that has already ended stores none.
+async fn a_result_that_ends_the_run_applies_its_lifecycle_events_in_the_same_commit(db: &Db) {
+    let store = db.open().await;
+    let finish = |run: &str, owner: Option<(String, String)>| Apply {
+        item: owner,
+        run_id: run.to_string(),
+        finish: Some(Finish {
+            status: RunStatus::Completed,
+            output: json!({"ok": true}),
+        }),
+        lifecycle: Some(vec![(ev("inngest/function.finished"), vec![])]),
+        ..Default::default()
+    };
+    let run = make_run(&*store, "RUN4").await;
+    let items = store.claim("A", 10, 1000, 10).await.unwrap();
+    assert_eq!(items.len(), 1);
+    store
+        .apply(
+            finish(&run, Some((items[0].id.clone(), "A".into()))),
+            matcher(),
+            11,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_run(&run).await.unwrap().unwrap().status,
+        RunStatus::Completed
+    );
+    assert_eq!(
+        store.queue_depth().await.unwrap(),
+        0,
+        "no finalisation item"
+    );
+    let finished = store
+        .list_events(10, Some("inngest/function.finished".into()))
+        .await
+        .unwrap();
+    assert_eq!(finished.len(), 1);
+    assert!(
+        store.unprocessed_events(10).await.unwrap().is_empty(),
+        "applied in the same commit"
+    );
+    // The run has ended: a second end (another worker's stale result) emits nothing.
+    store
+        .apply(finish(&run, None), matcher(), 12)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .list_events(10, Some("inngest/function.finished".into()))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 async fn cron_ticks_fire_once(db: &Db) {

@@ -298,7 +298,8 @@ pub enum ItemKind {
     },
     /// `timeouts.finish` elapsed.
     RunTimeout,
-    /// The run ended: emit finalisation events.
+    /// The run ended without a call that carried its lifecycle events (a cancel, a timeout, a
+    /// singleton replacing it): emit them.
     Finalize,
 }
 
@@ -653,6 +654,11 @@ pub struct Apply {
     pub expire_pause: Option<(String, Value, NewItem)>,
     /// End the run (only if still running).
     pub finish: Option<Finish>,
+    /// The run's lifecycle events, built along with `finish` by a caller that has the run
+    /// at hand: when `finish` ends the run, they are stored and applied in this commit (as
+    /// `apply_events` are) and no finalisation item is queued. `None` queues finalisation,
+    /// which builds them from the stored run.
+    pub lifecycle: Option<Vec<(NewEvent, Vec<NewRun>)>>,
     /// Reset this queue item's attempt counter (a checkpoint proved progress).
     pub reset_attempt: Option<String>,
     /// Apply only if this queue item still exists with this `available_at`,

@@ -228,6 +228,7 @@ async fn admit<C: GenericClient>(
                             "message": format!("run cancelled by a newer singleton run {}", run.run_id)}),
                     },
                     now,
+                    true,
                 )
                 .await?;
             }

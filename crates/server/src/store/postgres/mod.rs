@@ -688,8 +688,15 @@ async fn lock_run<C: GenericClient>(c: &C, run_id: &str) -> R<Option<Run>> {
     .map(|r| row_run(&r)))
 }
 
-/// Ends a running run, clearing its queue and pauses and queueing finalisation.
-async fn finish_run<C: GenericClient>(c: &C, run_id: &str, finish: &Finish, now: i64) -> R<bool> {
+/// Ends a running run, clearing its queue and pauses and, with `finalize`, queueing
+/// finalisation (without, the caller applies the run's lifecycle events itself).
+async fn finish_run<C: GenericClient>(
+    c: &C,
+    run_id: &str,
+    finish: &Finish,
+    now: i64,
+    finalize: bool,
+) -> R<bool> {
     let n = exec(
         c,
         "UPDATE runs SET status=$1, output=$2, ended_at=$3, pending='[]'
@@ -715,17 +722,19 @@ async fn finish_run<C: GenericClient>(c: &C, run_id: &str, finish: &Finish, now:
     )
     .await?;
     flow::free_all(c, &held).await?;
-    insert_item(
-        c,
-        &NewItem {
-            id: finalize_item_id(run_id),
-            run_id: run_id.to_string(),
-            kind: ItemKind::Finalize,
-            available_at: now,
-            unless_memo: None,
-        },
-    )
-    .await?;
+    if finalize {
+        insert_item(
+            c,
+            &NewItem {
+                id: finalize_item_id(run_id),
+                run_id: run_id.to_string(),
+                kind: ItemKind::Finalize,
+                available_at: now,
+                unless_memo: None,
+            },
+        )
+        .await?;
+    }
     Ok(true)
 }
 
@@ -789,6 +798,7 @@ async fn resume_pause<C: GenericClient>(c: &C, pause: &Pause, event: &Value, now
                         "message": format!("run cancelled by event {}", pause.event_name)}),
                 },
                 now,
+                true,
             )
             .await?;
         }
@@ -834,6 +844,26 @@ async fn insert_pause<C: GenericClient>(c: &C, p: &Pause) -> R<bool> {
     )
     .await?;
     Ok(n == 1)
+}
+
+/// Store and apply a run's lifecycle events, noting in `left` what they leave for the queue
+/// loop and the matcher.
+async fn apply_lifecycle<C: GenericClient>(
+    c: &C,
+    events: &[(NewEvent, Vec<NewRun>)],
+    matcher: &dyn PauseMatcher,
+    now: i64,
+    left: &mut Left,
+) -> R<()> {
+    for (e, runs) in events {
+        match insert_and_apply_event(c, e, runs, matcher, now).await? {
+            Some(applied) => {
+                left.queue |= left_for_queue(runs, &applied) || !applied.runs.is_empty()
+            }
+            None => left.matcher = true,
+        }
+    }
+    Ok(())
 }
 
 async fn apply_inner<C: GenericClient>(
@@ -960,20 +990,16 @@ async fn apply_inner<C: GenericClient>(
     for e in &a.events {
         insert_event(c, e).await?;
     }
-    for (e, runs) in &a.apply_events {
-        match insert_and_apply_event(c, e, runs, matcher, now).await? {
-            Some(applied) => {
-                left.queue |= left_for_queue(runs, &applied) || !applied.runs.is_empty()
-            }
-            None => left.matcher = true,
-        }
-    }
+    apply_lifecycle(c, &a.apply_events, matcher, now, &mut left).await?;
     if let Some(id) = &a.reset_attempt {
         exec(c, "UPDATE queue SET attempt=0 WHERE id=$1", &[id]).await?;
     }
     if running {
         if let Some(f) = &a.finish {
-            finish_run(c, &a.run_id, f, now).await?;
+            let ended = finish_run(c, &a.run_id, f, now, a.lifecycle.is_none()).await?;
+            if let (true, Some(events)) = (ended, &a.lifecycle) {
+                apply_lifecycle(c, events, matcher, now, &mut left).await?;
+            }
         }
     }
     if let Some((id, _)) = &a.item {
@@ -1785,7 +1811,7 @@ impl Store for PostgresStore {
         };
         in_tx!(self, |tx| {
             lock_run(&tx, run_id).await?;
-            finish_run(&tx, run_id, &finish, now).await
+            finish_run(&tx, run_id, &finish, now, true).await
         })
     }
 

@@ -144,6 +144,7 @@ pub(super) fn admit(
                             "message": format!("run cancelled by a newer singleton run {}", run.run_id)}),
                     },
                     now,
+                    true,
                 )?;
             }
         }

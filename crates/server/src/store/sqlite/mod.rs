@@ -472,16 +472,19 @@ fn load_run(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<Run>> {
         .optional()
 }
 
-/// Ends a running run, clearing its queue and pauses and queueing finalisation.
+/// Ends a running run, clearing its queue and pauses and, with `finalize`, queueing
+/// finalisation (without, the caller applies the run's lifecycle events itself).
 fn finish_run(
     conn: &Connection,
     run_id: &str,
     finish: &Finish,
     now: i64,
+    finalize: bool,
 ) -> rusqlite::Result<bool> {
     let n = conn
         .prepare_cached(
-            "UPDATE runs SET status=?, output=?, ended_at=? WHERE run_id=? AND status='Running'",
+            "UPDATE runs SET status=?, output=?, ended_at=?, pending='[]'
+             WHERE run_id=? AND status='Running'",
         )?
         .execute(params![
             finish.status.as_str(),
@@ -504,18 +507,18 @@ fn finish_run(
         .execute([run_id])?;
     conn.prepare_cached("DELETE FROM pauses WHERE run_id=?")?
         .execute([run_id])?;
-    conn.prepare_cached("UPDATE runs SET pending='[]' WHERE run_id=?")?
-        .execute([run_id])?;
-    insert_item(
-        conn,
-        &NewItem {
-            id: finalize_item_id(run_id),
-            run_id: run_id.to_string(),
-            kind: ItemKind::Finalize,
-            available_at: now,
-            unless_memo: None,
-        },
-    )?;
+    if finalize {
+        insert_item(
+            conn,
+            &NewItem {
+                id: finalize_item_id(run_id),
+                run_id: run_id.to_string(),
+                kind: ItemKind::Finalize,
+                available_at: now,
+                unless_memo: None,
+            },
+        )?;
+    }
     Ok(true)
 }
 
@@ -579,6 +582,7 @@ fn resume_pause(conn: &Connection, pause: &Pause, event: &Value, now: i64) -> ru
                         "message": format!("run cancelled by event {}", pause.event_name)}),
                 },
                 now,
+                true,
             )?;
         }
         PauseKind::Wait | PauseKind::Invoke => {
@@ -614,6 +618,26 @@ fn insert_pause(conn: &Connection, p: &Pause) -> rusqlite::Result<bool> {
             p.since_seq
         ])?;
     Ok(n == 1)
+}
+
+/// Store and apply a run's lifecycle events, noting in `left` what they leave for the queue
+/// loop and the matcher.
+fn apply_lifecycle(
+    conn: &Connection,
+    events: &[(NewEvent, Vec<NewRun>)],
+    matcher: &dyn PauseMatcher,
+    now: i64,
+    left: &mut Left,
+) -> rusqlite::Result<()> {
+    for (e, runs) in events {
+        match insert_and_apply_event(conn, e, runs, matcher, now)? {
+            Some(applied) => {
+                left.queue |= left_for_queue(runs, &applied) || !applied.runs.is_empty()
+            }
+            None => left.matcher = true,
+        }
+    }
+    Ok(())
 }
 
 fn apply_inner(
@@ -724,21 +748,17 @@ fn apply_inner(
         for e in &a.events {
             insert_event(conn, e)?;
         }
-        for (e, runs) in &a.apply_events {
-            match insert_and_apply_event(conn, e, runs, matcher, now)? {
-                Some(applied) => {
-                    left.queue |= left_for_queue(runs, &applied) || !applied.runs.is_empty()
-                }
-                None => left.matcher = true,
-            }
-        }
+        apply_lifecycle(conn, &a.apply_events, matcher, now, &mut left)?;
         if let Some(id) = &a.reset_attempt {
             conn.prepare_cached("UPDATE queue SET attempt=0 WHERE id=?")?
                 .execute([id])?;
         }
         if running {
             if let Some(f) = &a.finish {
-                finish_run(conn, &a.run_id, f, now)?;
+                let ended = finish_run(conn, &a.run_id, f, now, a.lifecycle.is_none())?;
+                if let (true, Some(events)) = (ended, &a.lifecycle) {
+                    apply_lifecycle(conn, events, matcher, now, &mut left)?;
+                }
             }
         }
         if let Some((id, _)) = &a.item {
@@ -1219,6 +1239,7 @@ impl Store for SqliteStore {
                     output: serde_json::json!({"error": "cancelled", "name": "Cancelled", "message": "run cancelled via API"}),
                 },
                 now,
+                true,
             )
             .map_err(be)
         })
