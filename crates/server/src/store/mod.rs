@@ -168,6 +168,17 @@ pub fn finalize_item_id(run_id: &str) -> String {
     format!("{run_id}:finalize")
 }
 
+/// The item that finalises a run that ended at `now`.
+pub(crate) fn finalize_item(run_id: &str, now: i64) -> NewItem {
+    NewItem {
+        id: finalize_item_id(run_id),
+        run_id: run_id.to_string(),
+        kind: ItemKind::Finalize,
+        available_at: now,
+        unless_memo: None,
+    }
+}
+
 impl NewRun {
     /// When its start item is due (`now` if it has none).
     pub fn start_at(&self, now: i64) -> i64 {

@@ -723,17 +723,7 @@ async fn finish_run<C: GenericClient>(
     .await?;
     flow::free_all(c, &held).await?;
     if finalize {
-        insert_item(
-            c,
-            &NewItem {
-                id: finalize_item_id(run_id),
-                run_id: run_id.to_string(),
-                kind: ItemKind::Finalize,
-                available_at: now,
-                unless_memo: None,
-            },
-        )
-        .await?;
+        insert_item(c, &finalize_item(run_id, now)).await?;
     }
     Ok(true)
 }

@@ -569,16 +569,7 @@ fn finish_run(
     conn.prepare_cached("DELETE FROM pauses WHERE run_id=?")?
         .execute([run_id])?;
     if finalize {
-        insert_item(
-            conn,
-            &NewItem {
-                id: finalize_item_id(run_id),
-                run_id: run_id.to_string(),
-                kind: ItemKind::Finalize,
-                available_at: now,
-                unless_memo: None,
-            },
-        )?;
+        insert_item(conn, &finalize_item(run_id, now))?;
     }
     Ok(true)
 }
