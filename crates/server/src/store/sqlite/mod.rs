@@ -527,6 +527,27 @@ fn load_steps(conn: &Connection, run_id: &str) -> rusqlite::Result<Vec<(String, 
         .collect())
 }
 
+/// What the writer needs of a run to apply a result: not its trigger events or output, which
+/// can be large and would be parsed on every step.
+struct RunState {
+    status: RunStatus,
+    pending: Vec<String>,
+    version: i64,
+}
+
+fn load_run_state(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<RunState>> {
+    conn.prepare_cached("SELECT status, pending, version FROM runs WHERE run_id=?")?
+        .query_row([run_id], |r| {
+            let status: String = r.get(0)?;
+            Ok(RunState {
+                status: RunStatus::parse(&status).unwrap_or(RunStatus::Running),
+                pending: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
+                version: r.get(2)?,
+            })
+        })
+        .optional()
+}
+
 fn load_run(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<Run>> {
     conn.prepare_cached(&format!("SELECT {RUN_COLS} FROM runs WHERE run_id=?"))?
         .query_row([run_id], row_run)
@@ -581,7 +602,7 @@ fn step_done(
     steps: &[String],
     discovery: &NewItem,
 ) -> rusqlite::Result<()> {
-    let Some(run) = load_run(conn, run_id)? else {
+    let Some(run) = load_run_state(conn, run_id)? else {
         return Ok(());
     };
     if run.status != RunStatus::Running {
@@ -727,7 +748,7 @@ fn apply_inner(
             return Err(StoreError::LeaseLost(id.clone()));
         }
     }
-    let run = load_run(conn, &a.run_id).map_err(be)?;
+    let run = load_run_state(conn, &a.run_id).map_err(be)?;
     let running = run
         .as_ref()
         .map(|r| r.status == RunStatus::Running)
