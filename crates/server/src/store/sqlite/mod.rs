@@ -1,11 +1,13 @@
 //! SQLite implementation of [`Store`].
 //!
 //! One writer thread owns the only write connection. Concurrent writers send it
-//! closures; it drains whatever is waiting, runs each inside its own savepoint
-//! within one transaction, and commits once (group commit), so many concurrent
-//! runs share one fsync. Replies are sent only after the commit, which is what
-//! makes "acknowledged means durable" hold. Reads use a small pool of separate
-//! connections; WAL mode lets them proceed while the writer works.
+//! closures; it drains whatever is waiting, runs them all within one transaction,
+//! and commits once (group commit), so many concurrent runs share one fsync. A
+//! closure that fails after writing makes the writer run the batch again with a
+//! savepoint around each closure (see `writer_loop`). Replies are sent only after
+//! the commit, which is what makes "acknowledged means durable" hold. Reads use a
+//! small pool of separate connections; WAL mode lets them proceed while the writer
+//! works.
 
 use super::*;
 use parking_lot::Mutex;
