@@ -5,11 +5,16 @@ output, and cairn's own memory not growing across them.
 Measured on the first builds: cairn's anonymous RSS rises for the first ~175 runs (to
 ~115-135 MiB) and then plateaus; the allocator keeps freed MiB-sized buffers, so single
 samples swing by 10-20 MiB. Hence the warm-up of 200 runs and a check on the *floor* of
-the samples, which a real leak lifts steadily (300 KiB per run = +60 MiB over the
-measured 200 runs) while the plateau does not."""
+the last samples, which a real leak lifts steadily (300 KiB per run = +60 MiB over the
+measured 200 runs) while the plateau does not. Since cairn allocates with mimalloc, which
+hands freed MiB-sized buffers back to the system now and then, single samples also dip
+well below the plateau (75 MiB between samples of 115-120), so the late floor is compared
+with the plateau's level, the median of the samples at runs 100-300, not with their lowest.
+A leak of 300 KiB per run still puts the late floor ~45 MiB above that median."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
@@ -21,7 +26,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 RUNS = 400
 WARMUP = 200
 CHUNK = 25
-# Lowest sample of the last three vs lowest sample of runs 200-300.
+# Lowest sample of the last three vs the median sample of runs 100-300.
 FLOOR_GROWTH_MIB = 32
 # No sample after warm-up above the warm-up level by more than this.
 MAX_GROWTH_MIB = 96
@@ -60,7 +65,7 @@ def test_founding_400_runs_flat_memory(sdk, make_stack):
     peak_after = max(a for n, a, _ in samples if n >= WARMUP)
     print(f"{RUNS} runs in {elapsed:.1f}s; cairn (runs, RssAnon MiB, VmRSS MiB): {samples}")
     assert peak_after - base <= MAX_GROWTH_MIB, f"cairn RSS grew {peak_after - base:.1f} MiB: {samples}"
-    early_floor = min(a for n, a, _ in samples if WARMUP <= n <= WARMUP + 100)
+    early_level = statistics.median(a for n, a, _ in samples if WARMUP - 100 <= n <= WARMUP + 100)
     late_floor = min(a for _, a, _ in samples[-3:])
-    assert late_floor - early_floor <= FLOOR_GROWTH_MIB, (
-        f"cairn RSS floor climbing: {early_floor} -> {late_floor} MiB: {samples}")
+    assert late_floor - early_level <= FLOOR_GROWTH_MIB, (
+        f"cairn RSS floor climbing: {early_level} -> {late_floor} MiB: {samples}")
