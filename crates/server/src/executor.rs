@@ -256,8 +256,8 @@ async fn finalize(engine: &Engine, item: &QueueItem) -> anyhow::Result<Apply> {
         ..Default::default()
     };
     if let Some(run) = engine.store.get_run(&item.run_id).await? {
-        let output = run.output.clone().unwrap_or(Value::Null);
-        apply.apply_events = lifecycle_events(engine, &run, run.status, &output, engine.now());
+        let output = run.output.as_ref().unwrap_or(&Value::Null);
+        apply.apply_events = lifecycle_events(engine, &run, run.status, output, engine.now());
     }
     Ok(apply)
 }

@@ -159,11 +159,12 @@ fn open_conn(path: &Path) -> StoreResult<Connection> {
     // the default 16, so an LRU of 16 re-parsed most of them on every commit (10 % of the
     // server's CPU in `sqlite3Prepare` at C=16).
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    // temp_store=MEMORY keeps the writer's sub-journal (the undo copy of each page a job's
-    // savepoint touches) in memory. By default it spills to a temporary file once it passes
-    // 64 KiB, so most group commits created, wrote, closed and unlinked a file on the
-    // writer thread. The in-memory sub-journal is emptied at each job's RELEASE, so it holds
-    // one job's pages at most.
+    // temp_store=MEMORY keeps the writer's sub-journal (the undo copy of each page touched
+    // under a savepoint or a statement that may have to roll back alone) in memory. By
+    // default it spills to a temporary file once it passes 64 KiB, which made most group
+    // commits create, write, close and unlink a file on the writer thread when every job ran
+    // in a savepoint. An in-memory sub-journal is emptied when its savepoint or statement
+    // ends, so it holds one job's pages at most.
     conn.execute_batch("PRAGMA foreign_keys=OFF; PRAGMA temp_store=MEMORY;")
         .map_err(|e| StoreError::Unusable(format!("{}: {e}", path.display())))?;
     Ok(conn)
