@@ -787,6 +787,11 @@ async fn metrics(State(engine): S) -> Response {
     if let Ok(depth) = engine.store.queue_depth().await {
         metrics::gauge!("cairn_queue_depth").set(depth as f64);
     }
+    // Zero when this process has no SQLite connection (a PostgreSQL node): not reported then.
+    let sqlite_heap = crate::store::sqlite::heap_bytes();
+    if sqlite_heap > 0 {
+        metrics::gauge!("cairn_sqlite_heap_bytes").set(sqlite_heap as f64);
+    }
     // Counted by the PostgreSQL store without touching the recorder on every statement.
     let statements = crate::store::postgres::statements_sent();
     if statements > 0 {

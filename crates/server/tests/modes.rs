@@ -318,6 +318,9 @@ async fn invoke_api_and_metrics() {
         .await
         .unwrap();
     assert_eq!(missing.status(), 404);
+    // An invocation is not a received event; send one so the counter exists even when this
+    // test runs alone (the recorder is shared by every test in the binary).
+    ts.send(json!({"name": "nobody/listens", "data": {}})).await;
 
     let text = ts
         .http
@@ -336,6 +339,15 @@ async fn invoke_api_and_metrics() {
     ] {
         assert!(text.contains(name), "metric {name} missing:\n{text}");
     }
+    // The store is SQLite, so its heap (page caches, statements, schema) is reported.
+    let heap: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("cairn_sqlite_heap_bytes "))
+        .unwrap_or_else(|| panic!("cairn_sqlite_heap_bytes missing:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(heap > 0.0, "SQLite heap reported as {heap}");
 }
 
 /// Polls the first run of an event through the authenticated API until it is no longer

@@ -150,6 +150,14 @@ fn be(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// Bytes SQLite holds on the heap in this process right now: page caches, prepared
+/// statements and schema for every open connection. RSS alone cannot say whether growth is
+/// SQLite's caches filling up or something else, so `/metrics` reports this beside it.
+pub fn heap_bytes() -> i64 {
+    // SAFETY: a read of SQLite's global counter, which it keeps under its own mutex.
+    unsafe { rusqlite::ffi::sqlite3_memory_used() }
+}
+
 fn open_conn(path: &Path) -> StoreResult<Connection> {
     let conn = Connection::open(path)
         .map_err(|e| StoreError::Unusable(format!("{}: {e}", path.display())))?;
