@@ -263,3 +263,15 @@ fn durations() {
     assert!(duration::parse("1 fortnight").is_err());
     assert_eq!(duration::format(Duration::from_secs(3661)), "1h1m1s");
 }
+
+#[test]
+fn canonical_json_orders_keys_by_utf16_code_units() {
+    // RFC 8785 and the SDKs' canonicalisers (JS `canonicalize`, Python `jcs`) compare keys as
+    // UTF-16: U+1F600 (a surrogate pair, 0xD83D…) sorts before U+FF61, though its UTF-8
+    // bytes sort after. Byte order here would make every signature over such a body fail.
+    let v = json!({"\u{FF61}": 1, "\u{1F600}": 2, "a": 3});
+    assert_eq!(
+        String::from_utf8(canonical_json(&v)).unwrap(),
+        "{\"a\":3,\"\u{1F600}\":2,\"\u{FF61}\":1}"
+    );
+}

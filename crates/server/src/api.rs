@@ -1,6 +1,6 @@
 //! HTTP edges: the Inngest-compatible event, sync and REST APIs.
 
-use crate::store::{AppRecord, FunctionRecord, NewEvent, Run, RunStatus, StoredEvent};
+use crate::store::{AppRecord, FunctionRecord, MemoJson, NewEvent, Run, RunStatus, StoredEvent};
 use crate::{Engine, Mode};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -544,7 +544,17 @@ async fn run_actions(State(engine): S, Path(id): Path<String>) -> Response {
         Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
     match engine.store.steps(&id).await {
-        Ok(steps) => Json(Value::Object(steps.into_iter().collect())).into_response(),
+        Ok(steps) => {
+            let steps: Vec<(&str, &str)> = steps
+                .iter()
+                .map(|(h, m)| (h.as_str(), m.as_str()))
+                .collect();
+            (
+                [("content-type", "application/json")],
+                cairn_protocol::call::steps_body(&steps),
+            )
+                .into_response()
+        }
         Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -660,17 +670,28 @@ async fn checkpoint_async(State(engine): S, Path(id): Path<String>, body: Bytes)
         match &op.op {
             Opcode::StepRun => apply.memos.push((
                 op.id.clone(),
-                json!({"data": op.data.clone().unwrap_or(Value::Null)}),
+                MemoJson::data(op.data.as_ref().unwrap_or(&Value::Null)),
             )),
-            Opcode::Step => apply
-                .memos
-                .push((op.id.clone(), op.data.clone().unwrap_or(Value::Null))),
+            Opcode::Step => apply.memos.push((
+                op.id.clone(),
+                MemoJson::new(op.data.as_ref().unwrap_or(&Value::Null)),
+            )),
             Opcode::StepFailed => apply.memos.push((
                 op.id.clone(),
-                json!({"error": op.error.as_ref().map(|e| serde_json::to_value(e).unwrap_or(Value::Null))}),
+                MemoJson::error(
+                    &op.error
+                        .as_ref()
+                        .map(|e| serde_json::to_value(e).unwrap_or(Value::Null))
+                        .unwrap_or(Value::Null),
+                ),
             )),
             Opcode::StepPlanned | Opcode::DeferAdd | Opcode::DeferAbort | Opcode::None => {}
-            other => return bad(format!("cannot checkpoint async steps ({})", other.as_str())),
+            other => {
+                return bad(format!(
+                    "cannot checkpoint async steps ({})",
+                    other.as_str()
+                ))
+            }
         }
     }
     match engine

@@ -7,12 +7,12 @@
 
 use crate::registry::FunctionEntry;
 use crate::store::{
-    Apply, CallState, Finish, ItemKind, Left, NewEvent, NewItem, NewRun, Pause, PauseKind,
-    QueueItem, Run, RunStatus, StoreResult, StoredEvent,
+    Apply, CallState, Finish, ItemKind, Left, MemoJson, NewEvent, NewItem, NewRun, Pause,
+    PauseKind, QueueItem, Run, RunStatus, StoreResult, StoredEvent,
 };
 use crate::Engine;
 use cairn_protocol::{
-    headers, parse_ops, signature, CallCtx, CallRequest, Event, Op, Opcode, Stack,
+    call::call_body, headers, parse_ops, signature, CallCtx, CallRequest, Event, Op, Opcode, Stack,
 };
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -140,7 +140,7 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option
             Ok(Apply {
                 item: Some((item.id.clone(), engine.owner.clone())),
                 run_id: item.run_id.clone(),
-                memos: vec![(step.clone(), Value::Null)],
+                memos: vec![(step.clone(), MemoJson::new(&Value::Null))],
                 complete_pending: Some((
                     vec![step.clone()],
                     discovery_after(&item.run_id, &step, now),
@@ -155,12 +155,12 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option
         } => {
             let now = engine.now();
             let memo = if invoke {
-                json!({"error": {
+                MemoJson::error(&json!({
                     "error": "InngestInvokeTimeoutError: Timed out waiting for invoked function to complete",
                     "name": "InngestInvokeTimeoutError",
-                    "message": "Timed out waiting for invoked function to complete"}})
+                    "message": "Timed out waiting for invoked function to complete"}))
             } else {
-                Value::Null
+                MemoJson::new(&Value::Null)
             };
             Ok(Apply {
                 item: Some((item.id.clone(), engine.owner.clone())),
@@ -792,16 +792,13 @@ async fn call_run(
                 let id = op.id.clone();
                 match &op.op {
                     Opcode::StepRun => {
-                        apply.memos.push((
-                            id.clone(),
-                            json!({"data": op.data.clone().unwrap_or(Value::Null)}),
-                        ));
+                        let data = op.data.as_ref().unwrap_or(&Value::Null);
+                        apply.memos.push((id.clone(), MemoJson::data(data)));
                         completed.push(id);
                     }
                     Opcode::Step => {
-                        apply
-                            .memos
-                            .push((id.clone(), op.data.clone().unwrap_or(Value::Null)));
+                        let data = op.data.as_ref().unwrap_or(&Value::Null);
+                        apply.memos.push((id.clone(), MemoJson::new(data)));
                         completed.push(id);
                     }
                     Opcode::StepError | Opcode::StepFailed => {
@@ -814,7 +811,7 @@ async fn call_run(
                             || no_retry
                             || item.attempt + 1 >= max_attempts;
                         if is_final {
-                            apply.memos.push((id.clone(), json!({"error": err})));
+                            apply.memos.push((id.clone(), MemoJson::error(&err)));
                             completed.push(id);
                         } else {
                             apply.retry = Some((
@@ -1056,7 +1053,7 @@ pub fn function_uuid(slug: &str) -> String {
 /// Serialise the call request as canonical JSON (the bytes that get signed).
 fn build_body(
     run: &Run,
-    memos: Vec<(String, Value)>,
+    memos: Vec<(String, MemoJson)>,
     attempt: i64,
     max_attempts: i64,
     predecessor: Option<&str>,
@@ -1076,12 +1073,10 @@ fn build_body(
         .first()
         .cloned()
         .unwrap_or_else(|| Event::new("unknown", json!({})));
-    // Moved, not cloned: memos can be megabytes each.
-    let steps: Map<String, Value> = memos.into_iter().collect();
     let mut req = CallRequest {
         event,
         events,
-        steps,
+        steps: Map::new(),
         ctx: CallCtx {
             run_id: run.run_id.clone(),
             attempt: attempt as u32,
@@ -1098,9 +1093,13 @@ fn build_body(
         version: run.version as i32,
         use_api: false,
     };
-    let mut bytes = signature::canonical_json(&req);
+    // Memos go in as the canonical text they are stored as: megabytes each, at times.
+    let steps: Vec<(&str, &str)> = memos
+        .iter()
+        .map(|(h, m)| (h.as_str(), m.as_str()))
+        .collect();
+    let mut bytes = call_body(&req, &steps);
     if bytes.len() > cairn_protocol::MAX_INLINE_BODY {
-        req.steps = Map::new();
         req.use_api = true;
         req.ctx.use_api = true;
         bytes = signature::canonical_json(&req);

@@ -263,7 +263,7 @@ async fn memo_first_write_wins_and_lease_guards_results(db: &Db) {
     let late = Apply {
         item: Some((items[0].id.clone(), "A".into())),
         run_id: run.clone(),
-        memos: vec![("h1".into(), json!({"data": "late"}))],
+        memos: vec![("h1".into(), MemoJson::new(&json!({"data": "late"})))],
         ..Default::default()
     };
     assert!(matches!(
@@ -275,19 +275,19 @@ async fn memo_first_write_wins_and_lease_guards_results(db: &Db) {
     let ok = Apply {
         item: Some((items[0].id.clone(), "B".into())),
         run_id: run.clone(),
-        memos: vec![("h1".into(), json!({"data": "first"}))],
+        memos: vec![("h1".into(), MemoJson::new(&json!({"data": "first"})))],
         ..Default::default()
     };
     store.apply(ok, matcher(), 5).await.unwrap();
     let again = Apply {
         run_id: run.clone(),
-        memos: vec![("h1".into(), json!({"data": "second"}))],
+        memos: vec![("h1".into(), MemoJson::new(&json!({"data": "second"})))],
         ..Default::default()
     };
     store.apply(again, matcher(), 6).await.unwrap();
     assert_eq!(
         store.steps(&run).await.unwrap(),
-        vec![("h1".to_string(), json!({"data": "first"}))]
+        vec![("h1".to_string(), MemoJson::new(&json!({"data": "first"})))]
     );
     assert_eq!(store.queue_depth().await.unwrap(), 0);
 }
@@ -340,7 +340,7 @@ async fn pause_created_after_event_is_still_resumed(db: &Db) {
         .unwrap();
     let steps = store.steps(&run).await.unwrap();
     assert_eq!(steps.len(), 1);
-    assert_eq!(steps[0].1["name"], "t/resume");
+    assert_eq!(steps[0].1.to_value()["name"], "t/resume");
     // The timeout is gone and a discovery call is queued instead.
     let items = store.claim("A", 5, 100, 10).await.unwrap();
     let kinds: Vec<_> = items.iter().map(|i| i.kind.clone()).collect();
@@ -489,7 +489,7 @@ async fn prune_deletes_only_old_finished_history(db: &Db) {
         .apply(
             Apply {
                 run_id: done.clone(),
-                memos: vec![("h".into(), json!(1))],
+                memos: vec![("h".into(), MemoJson::new(&json!(1)))],
                 ..Default::default()
             },
             matcher(),
@@ -528,7 +528,7 @@ async fn writes_from_a_superseded_dispatch_are_refused(db: &Db) {
     let stale = Apply {
         run_id: run.clone(),
         dispatch: Some((item.clone(), 12345)),
-        memos: vec![("x".into(), json!({"data": 1}))],
+        memos: vec![("x".into(), MemoJson::new(&json!({"data": 1})))],
         ..Default::default()
     };
     assert!(matches!(
@@ -538,13 +538,13 @@ async fn writes_from_a_superseded_dispatch_are_refused(db: &Db) {
     let current = Apply {
         run_id: run.clone(),
         dispatch: Some((item, 0)),
-        memos: vec![("x".into(), json!({"data": 2}))],
+        memos: vec![("x".into(), MemoJson::new(&json!({"data": 2})))],
         ..Default::default()
     };
     store.apply(current, matcher(), 5).await.unwrap();
     assert_eq!(
         store.steps(&run).await.unwrap(),
-        vec![("x".to_string(), json!({"data": 2}))]
+        vec![("x".to_string(), MemoJson::new(&json!({"data": 2})))]
     );
 }
 
@@ -702,6 +702,38 @@ async fn make_runs(store: &dyn Store, n: usize, flow: RunFlow) -> Vec<String> {
         .apply_event(stored, runs, vec![], matcher(), 1)
         .await
         .unwrap()
+}
+
+/// Memos written before schema 3 (serde_json text, not canonical) are rewritten canonical
+/// for running runs, the only ones sent to an SDK again; ended runs are left as they are.
+#[tokio::test]
+async fn pg_migration_canonicalises_the_memos_of_running_runs() {
+    let db = Db::pg();
+    let Db::Pg(schema) = &db else { unreachable!() };
+    drop(pg_open(schema).await);
+    let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            r#"SET search_path TO {schema};
+            INSERT INTO runs(run_id, fn_slug, idem_key, trigger_event, status, events, created_at)
+              VALUES ('r1', 'app-f', 'e1', 'ev1', 'Running', '[]', 1),
+                     ('r2', 'app-f', 'e2', 'ev2', 'Completed', '[]', 1);
+            INSERT INTO steps(run_id, hash, memo) VALUES
+              ('r1', 'h', '{{"data":{{"n":2.0,"big":1e21}}}}'), ('r2', 'h', '{{"data":2.0}}');
+            UPDATE schema_version SET version = 2;"#
+        ))
+        .await
+        .unwrap();
+    let store = pg_open(schema).await;
+    let live = store.steps("r1").await.unwrap();
+    assert_eq!(live[0].1.as_str(), r#"{"data":{"big":1e+21,"n":2}}"#);
+    let ended = store.steps("r2").await.unwrap();
+    assert_eq!(ended[0].1.as_str(), r#"{"data":2.0}"#);
+    drop(store);
+    db.cleanup().await;
 }
 
 #[tokio::test]
@@ -918,7 +950,7 @@ async fn pg_event_racing_a_new_pause_on_another_node_still_resumes_it() {
         matcher_b.await.unwrap();
         let steps = a.steps(run).await.unwrap();
         assert_eq!(steps.len(), 1, "run {run}: the wait was not resumed");
-        assert_eq!(steps[0].1["name"], json!(name));
+        assert_eq!(steps[0].1.to_value()["name"], json!(name));
     }
     db.cleanup().await;
 }

@@ -270,13 +270,89 @@ pub struct Run {
     pub ended_at: Option<i64>,
 }
 
+/// A memoised step's value as RFC 8785 canonical JSON text.
+///
+/// This is how memos are stored and the exact bytes spliced into every later call request
+/// ([`cairn_protocol::call::call_body`]): a step's output is canonicalised once, when it is
+/// memoised, instead of being parsed, escaped and copied again on each call that carries
+/// it, which for a megabyte output was most of the server's work per run.
+///
+/// ```
+/// use cairn_server::store::MemoJson;
+/// let memo = MemoJson::data(&serde_json::json!({"b": 2.0, "a": "x"}));
+/// assert_eq!(memo.as_str(), r#"{"data":{"a":"x","b":2}}"#);
+/// assert_eq!(memo.to_value()["data"]["b"], 2);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoJson(String);
+
+impl MemoJson {
+    /// The canonical text of `value`.
+    pub fn new(value: &Value) -> Self {
+        Self::from_canonical(cairn_protocol::signature::canonical_json(value))
+    }
+
+    /// `{"data": value}`, the memo of a step that returned `value`, without copying `value`
+    /// into a wrapper first.
+    pub fn data(value: &Value) -> Self {
+        Self::wrapped("data", value)
+    }
+
+    /// `{"error": error}`, the memo of a step that failed for good.
+    pub fn error(error: &Value) -> Self {
+        Self::wrapped("error", error)
+    }
+
+    fn wrapped(key: &str, value: &Value) -> Self {
+        // A one-key object of canonical text is canonical.
+        let inner = cairn_protocol::signature::canonical_json(value);
+        let mut out = Vec::with_capacity(inner.len() + key.len() + 5);
+        out.extend_from_slice(b"{\"");
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        out.extend_from_slice(&inner);
+        out.push(b'}');
+        Self::from_canonical(out)
+    }
+
+    fn from_canonical(bytes: Vec<u8>) -> Self {
+        // serde_jcs writes UTF-8 only; the fallback cannot be reached.
+        Self(String::from_utf8(bytes).unwrap_or_else(|_| "null".into()))
+    }
+
+    /// Text a store reads back. Stores only ever write [`MemoJson`] text, and their schema
+    /// migrations canonicalise the memos of runs written before memos were canonical.
+    pub(crate) fn stored(text: String) -> Self {
+        Self(text)
+    }
+
+    /// The canonical JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The memo parsed, for the places that look inside it (not the call path).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(&self.0).unwrap_or(Value::Null)
+    }
+}
+
+/// The canonical form of stored memo text, when it differs from the text: what the schema
+/// migrations apply to memos written before they were stored canonical. `None` for text that
+/// is canonical already or is not JSON (left alone).
+pub(crate) fn recanonicalised(text: &str) -> Option<String> {
+    let value: Value = serde_json::from_str(text).ok()?;
+    let canonical = MemoJson::new(&value).0;
+    (canonical != text).then_some(canonical)
+}
+
 /// What an SDK call reads before it is made.
 #[derive(Debug, Clone)]
 pub struct CallState {
     /// The run.
     pub run: Run,
     /// Its memoised steps in persistence order.
-    pub steps: Vec<(String, Value)>,
+    pub steps: Vec<(String, MemoJson)>,
     /// Highest event sequence number committed when this was read: waits created by the
     /// call are matched against events after it.
     pub high_water: i64,
@@ -637,7 +713,7 @@ pub struct Apply {
     /// Run to touch.
     pub run_id: String,
     /// Memos to save (first write wins), in persistence order.
-    pub memos: Vec<(String, Value)>,
+    pub memos: Vec<(String, MemoJson)>,
     /// New queue items.
     pub enqueue: Vec<NewItem>,
     /// Instead of deleting `item`, re-arm it with a new attempt at a time.
@@ -662,7 +738,7 @@ pub struct Apply {
     /// were not pending), create this discovery item.
     pub complete_pending: Option<(Vec<String>, NewItem)>,
     /// Expire a pause: if it still exists, memoise the value and enqueue the item.
-    pub expire_pause: Option<(String, Value, NewItem)>,
+    pub expire_pause: Option<(String, MemoJson, NewItem)>,
     /// End the run (only if still running).
     pub finish: Option<Finish>,
     /// The run's lifecycle events, built along with `finish` by a caller that has the run
@@ -745,7 +821,7 @@ pub trait Store: Send + Sync + 'static {
     /// A run.
     async fn get_run(&self, run_id: &str) -> StoreResult<Option<Run>>;
     /// Memoised steps of a run in persistence order.
-    async fn steps(&self, run_id: &str) -> StoreResult<Vec<(String, Value)>>;
+    async fn steps(&self, run_id: &str) -> StoreResult<Vec<(String, MemoJson)>>;
     /// Everything an SDK call needs, read together: the run, its memos and the event high
     /// water mark. Backends override this to answer in one round trip.
     async fn call_state(&self, run_id: &str) -> StoreResult<Option<CallState>> {
@@ -892,17 +968,15 @@ pub fn skipped_invoke_event(
 }
 
 /// The memo a resumed pause stores, shared by all store implementations.
-pub fn resume_memo(pause: &Pause, event: &Value) -> Value {
+pub fn resume_memo(pause: &Pause, event: &Value) -> MemoJson {
     match pause.kind {
         PauseKind::Invoke => {
-            let data = event.get("data").cloned().unwrap_or(Value::Null);
+            let data = event.get("data").unwrap_or(&Value::Null);
             match data.get("error") {
-                Some(err) if !err.is_null() => serde_json::json!({ "error": err }),
-                _ => {
-                    serde_json::json!({ "data": data.get("result").cloned().unwrap_or(Value::Null) })
-                }
+                Some(err) if !err.is_null() => MemoJson::error(err),
+                _ => MemoJson::data(data.get("result").unwrap_or(&Value::Null)),
             }
         }
-        _ => event.clone(),
+        _ => MemoJson::new(event),
     }
 }

@@ -37,15 +37,40 @@ use tokio_postgres::Row;
 mod flow;
 
 /// Schema version this build writes, stored in the `schema_version` table.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Schema steps: `MIGRATIONS[v]` takes a version-`v` database to version `v + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 /// Version 2: unapplied events by name, for the check that an event applied in the commit
 /// that stores it does not overtake an older one of its name (`events_name` would walk the
 /// name's whole history).
 const SCHEMA_V2: &str = "CREATE INDEX events_unprocessed_name ON events(name) WHERE NOT processed;";
+
+/// Version 3 changes no tables: memos are stored as canonical JSON from now on, and
+/// [`canonicalise_live_memos`] rewrites those of runs still going, the only ones that will
+/// be sent to an SDK again.
+const SCHEMA_V3: &str = "";
+
+/// Rewrites, as canonical JSON, the memos of running runs written before version 3, so that
+/// the call requests they are spliced into stay canonical (the bytes that get signed).
+async fn canonicalise_live_memos<C: GenericClient>(c: &C) -> Result<(), tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT s.seq, s.memo FROM steps s JOIN runs r ON r.run_id = s.run_id
+             WHERE r.status = 'Running'",
+            &[],
+        )
+        .await?;
+    for row in rows {
+        let (seq, memo): (i64, &str) = (row.get(0), row.get(1));
+        if let Some(canonical) = recanonicalised(memo) {
+            c.execute("UPDATE steps SET memo=$1 WHERE seq=$2", &[&canonical, &seq])
+                .await?;
+        }
+    }
+    Ok(())
+}
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE apps(
@@ -656,11 +681,11 @@ async fn insert_item<C: GenericClient>(c: &C, item: &NewItem) -> R<()> {
     Ok(())
 }
 
-async fn save_memo<C: GenericClient>(c: &C, run_id: &str, hash: &str, memo: &Value) -> R<()> {
+async fn save_memo<C: GenericClient>(c: &C, run_id: &str, hash: &str, memo: &MemoJson) -> R<()> {
     exec(
         c,
         "INSERT INTO steps(run_id, hash, memo) VALUES ($1,$2,$3) ON CONFLICT (run_id, hash) DO NOTHING",
-        &[&run_id, &hash, &j(memo)],
+        &[&run_id, &hash, &memo.as_str()],
     )
     .await?;
     Ok(())
@@ -1047,7 +1072,7 @@ async fn apply_fast<C: GenericClient>(
         return Ok(None);
     };
     let memo_hashes: Vec<&str> = a.memos.iter().map(|(h, _)| h.as_str()).collect();
-    let memo_bodies: Vec<String> = a.memos.iter().map(|(_, m)| j(m)).collect();
+    let memo_bodies: Vec<&str> = a.memos.iter().map(|(_, m)| m.as_str()).collect();
     // Items the general path would queue, in its order. A condition on a memo written by
     // this same statement is decided here: statements in one WITH do not see each other.
     let mut items: Vec<&NewItem> = a
@@ -1344,6 +1369,9 @@ impl PostgresStore {
             if found < SCHEMA_VERSION {
                 let steps: String = MIGRATIONS[found as usize..].concat();
                 tx.batch_execute(&steps).await.map_err(unusable)?;
+                if found < 3 {
+                    canonicalise_live_memos(&tx).await.map_err(unusable)?;
+                }
                 tx.execute("DELETE FROM schema_version", &[])
                     .await
                     .map_err(unusable)?;
@@ -1698,14 +1726,14 @@ impl Store for PostgresStore {
                 run: row_run(&r),
                 steps: hashes
                     .into_iter()
-                    .zip(memos.iter().map(|m| pj(m)))
+                    .zip(memos.into_iter().map(MemoJson::stored))
                     .collect(),
                 high_water: r.get(12),
             }
         }))
     }
 
-    async fn steps(&self, run_id: &str) -> StoreResult<Vec<(String, Value)>> {
+    async fn steps(&self, run_id: &str) -> StoreResult<Vec<(String, MemoJson)>> {
         let c = self.client().await?;
         let rows = query(
             &c,
@@ -1715,7 +1743,7 @@ impl Store for PostgresStore {
         .await?;
         Ok(rows
             .iter()
-            .map(|r| (r.get(0), pj(r.get::<_, &str>(1))))
+            .map(|r| (r.get(0), MemoJson::stored(r.get(1))))
             .collect())
     }
 

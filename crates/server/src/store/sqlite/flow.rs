@@ -632,9 +632,27 @@ mod tests {
                 [],
             )
             .unwrap();
+            // Memos as versions before 5 wrote them (serde_json, not canonical): one of a
+            // running run, one of an ended run, which is never sent again.
+            c.execute(
+                "INSERT INTO runs(run_id, fn_slug, idem_key, trigger_event, status, events, created_at)
+                 VALUES ('r2', 'app-f', 'e2', 'ev2', 'Completed', '[]', 1)",
+                [],
+            )
+            .unwrap();
+            c.execute(
+                r#"INSERT INTO steps(run_id, hash, memo) VALUES
+                   ('r1', 'h', '{"data":{"n":2.0,"big":1e21}}'), ('r2', 'h', '{"data":2.0}')"#,
+                [],
+            )
+            .unwrap();
         }
         let store = SqliteStore::open(&path).unwrap();
         assert!(store.get_run("r1").await.unwrap().is_some());
+        let live = store.steps("r1").await.unwrap();
+        assert_eq!(live[0].1.as_str(), r#"{"data":{"big":1e+21,"n":2}}"#);
+        let ended = store.steps("r2").await.unwrap();
+        assert_eq!(ended[0].1.as_str(), r#"{"data":2.0}"#);
         let claimed = store.claim("me", 10, 100, 8).await.unwrap();
         assert_eq!(
             claimed.len(),

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 mod flow;
 
 /// Schema version stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Most closures merged into one transaction; bounds commit latency under load.
 const MAX_BATCH: usize = 512;
@@ -128,7 +128,32 @@ CREATE TABLE cron(
 "#;
 
 /// Schema steps: `MIGRATIONS[v]` takes a version-`v` database to version `v + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA, flow::SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] =
+    [SCHEMA, flow::SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
+
+/// Version 5 changes no tables: memos are stored as canonical JSON from now on, and
+/// [`canonicalise_live_memos`] rewrites those of runs still going, the only ones that will
+/// be sent to an SDK again.
+const SCHEMA_V5: &str = "";
+
+/// Rewrites, as canonical JSON, the memos of running runs written before version 5, so that
+/// the call requests they are spliced into stay canonical (the bytes that get signed).
+fn canonicalise_live_memos(conn: &Connection) -> rusqlite::Result<()> {
+    let rows: Vec<(i64, String)> = conn
+        .prepare(
+            "SELECT s.seq, s.memo FROM steps s JOIN runs r ON r.run_id = s.run_id
+             WHERE r.status = 'Running'",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut update = conn.prepare("UPDATE steps SET memo=? WHERE seq=?")?;
+    for (seq, memo) in rows {
+        if let Some(canonical) = recanonicalised(&memo) {
+            update.execute(params![canonical, seq])?;
+        }
+    }
+    Ok(())
+}
 
 /// Version 3: unapplied events by name, for the check that an event applied in the commit
 /// that stores it does not overtake an older one of its name (`events_name` would walk the
@@ -238,10 +263,19 @@ impl SqliteStore {
             // Each step of MIGRATIONS takes the schema one version up; all pending steps
             // commit together or not at all.
             let steps: String = MIGRATIONS[version as usize..].concat();
-            conn.execute_batch(&format!(
-                "BEGIN IMMEDIATE; {steps} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
-            ))
-            .map_err(unusable)?;
+            let migrate = || -> rusqlite::Result<()> {
+                conn.execute_batch(&format!("BEGIN IMMEDIATE; {steps}"))?;
+                if version < 5 {
+                    canonicalise_live_memos(&conn)?;
+                }
+                conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"))
+            };
+            if let Err(e) = migrate() {
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                return Err(unusable(e));
+            }
         }
         let (tx, rx) = std::sync::mpsc::channel::<Box<dyn Job>>();
         let stats = Arc::new(WriterStats::default());
@@ -513,9 +547,9 @@ fn insert_item(conn: &Connection, item: &NewItem) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn save_memo(conn: &Connection, run_id: &str, hash: &str, memo: &Value) -> rusqlite::Result<()> {
+fn save_memo(conn: &Connection, run_id: &str, hash: &str, memo: &MemoJson) -> rusqlite::Result<()> {
     conn.prepare_cached("INSERT OR IGNORE INTO steps(run_id, hash, memo) VALUES (?,?,?)")?
-        .execute(params![run_id, hash, j(memo)])?;
+        .execute(params![run_id, hash, memo.as_str()])?;
     Ok(())
 }
 
@@ -524,11 +558,11 @@ fn save_memo(conn: &Connection, run_id: &str, hash: &str, memo: &Value) -> rusql
 /// temporary B-tree to sort a handful of rows.
 const LOAD_STEPS: &str = "SELECT seq, hash, memo FROM steps WHERE run_id=?";
 
-fn load_steps(conn: &Connection, run_id: &str) -> rusqlite::Result<Vec<(String, Value)>> {
-    let mut rows: Vec<(i64, String, Value)> = conn
+fn load_steps(conn: &Connection, run_id: &str) -> rusqlite::Result<Vec<(String, MemoJson)>> {
+    let mut rows: Vec<(i64, String, MemoJson)> = conn
         .prepare_cached(LOAD_STEPS)?
         .query_map([run_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, pj(&r.get::<_, String>(2)?)))
+            Ok((r.get(0)?, r.get(1)?, MemoJson::stored(r.get(2)?)))
         })?
         .collect::<rusqlite::Result<_>>()?;
     rows.sort_unstable_by_key(|(seq, ..)| *seq);
@@ -1259,7 +1293,7 @@ impl Store for SqliteStore {
         self.read(move |c| load_run(c, &id)).await
     }
 
-    async fn steps(&self, run_id: &str) -> StoreResult<Vec<(String, Value)>> {
+    async fn steps(&self, run_id: &str) -> StoreResult<Vec<(String, MemoJson)>> {
         let id = run_id.to_string();
         self.read(move |c| load_steps(c, &id)).await
     }
