@@ -704,17 +704,25 @@ async fn make_runs(store: &dyn Store, n: usize, flow: RunFlow) -> Vec<String> {
         .unwrap()
 }
 
-/// Memos written before schema 3 (serde_json text, not canonical) are rewritten canonical
-/// for running runs, the only ones sent to an SDK again; ended runs are left as they are.
-#[tokio::test]
-async fn pg_migration_canonicalises_the_memos_of_running_runs() {
+/// A fresh, migrated PostgreSQL schema and a plain client, for tests that change the
+/// database behind the store's back.
+async fn pg_schema_and_client() -> (Db, String, tokio_postgres::Client) {
     let db = Db::pg();
     let Db::Pg(schema) = &db else { unreachable!() };
-    drop(pg_open(schema).await);
+    let schema = schema.clone();
+    drop(pg_open(&schema).await);
     let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
+    (db, schema, client)
+}
+
+/// Memos written before schema 3 (serde_json text, not canonical) are rewritten canonical
+/// for running runs, the only ones sent to an SDK again; ended runs are left as they are.
+#[tokio::test]
+async fn pg_migration_canonicalises_the_memos_of_running_runs() {
+    let (db, schema, client) = pg_schema_and_client().await;
     client
         .batch_execute(&format!(
             r#"SET search_path TO {schema};
@@ -727,7 +735,7 @@ async fn pg_migration_canonicalises_the_memos_of_running_runs() {
         ))
         .await
         .unwrap();
-    let store = pg_open(schema).await;
+    let store = pg_open(&schema).await;
     let live = store.steps("r1").await.unwrap();
     assert_eq!(live[0].1.as_str(), r#"{"data":{"big":1e+21,"n":2}}"#);
     let ended = store.steps("r2").await.unwrap();
@@ -738,13 +746,7 @@ async fn pg_migration_canonicalises_the_memos_of_running_runs() {
 
 #[tokio::test]
 async fn pg_refuses_a_newer_schema_and_names_an_unreachable_server() {
-    let db = Db::pg();
-    let Db::Pg(schema) = &db else { unreachable!() };
-    drop(pg_open(schema).await);
-    let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (db, schema, client) = pg_schema_and_client().await;
     client
         .batch_execute(&format!("UPDATE {schema}.schema_version SET version = 99"))
         .await
