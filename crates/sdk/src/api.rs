@@ -33,3 +33,20 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     }
     res.json::<T>().await.map_err(|e| format!("GET {url}: {e}"))
 }
+
+/// Saves steps that a discovery call ran in-process (async checkpointing, protocol §13.2).
+///
+/// `true` once the server has stored them. Anything else (a refused or stale call, a server
+/// that does not checkpoint, a network error) is `false`, and the caller answers the classic
+/// way instead, with the step in its 206 response; nothing is lost either way.
+pub(crate) async fn checkpoint(client: &Client, run_id: &str, body: bytes::Bytes) -> bool {
+    let url = format!("{}/v1/checkpoint/{run_id}/async", client.api_origin());
+    let res = client
+        .api_request(|http| {
+            http.post(&url)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body.clone())
+        })
+        .await;
+    matches!(res, Ok(r) if r.status().is_success())
+}

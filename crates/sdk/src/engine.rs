@@ -18,6 +18,15 @@
 //! handler can make no more progress on memoised data, the new steps it is blocked on are
 //! either executed (one lone `run` step, or the step a targeted call asks for) or reported
 //! as ops for the server to schedule.
+//!
+//! # Checkpointing
+//!
+//! When the server allows it (a discovery call carrying `ctx.fn_id` and `ctx.qi_id`), a step
+//! that ran here is saved to the server at once (`POST /v1/checkpoint/{run}/async`) and its
+//! result handed straight back to the handler, which goes on to its next step in the same
+//! request. Each result is stored before the code after it runs, as with a 206 answer; the
+//! run just skips a server round trip and a replay per step. If a save fails, or the call has
+//! run for [`CHECKPOINT_MAX_RUNTIME`], the step is reported in the classic 206 answer.
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
@@ -31,7 +40,7 @@ use cairn_protocol::{Memo, Op, Opcode, Userland};
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
 
-use crate::client::Client;
+use crate::client::{now_ms, Client};
 use crate::ctx::RawInput;
 use crate::function::ErasedHandler;
 use crate::step::Step;
@@ -82,8 +91,10 @@ pub(crate) enum SlotState {
     /// The engine asked the step future to run its closure.
     Execute,
     Executing,
-    /// The closure finished; the request will answer with this.
+    /// The closure finished; the request will answer with this (or checkpoint it).
     Executed(Result<Value, Error>),
+    /// The result is being checkpointed; it is released once the server has stored it.
+    Saving,
     Done,
 }
 
@@ -179,6 +190,40 @@ impl RunState {
         op
     }
 
+    /// Starts saving slot `idx`'s successful result, if this call checkpoints and has time.
+    fn checkpoint(&mut self, idx: usize, exec: &Exec, run_id: &str) -> Option<Saving> {
+        let ck = exec.checkpoint.as_ref()?;
+        if !matches!(self.slots[idx].state, SlotState::Executed(Ok(_)))
+            || tokio::time::Instant::now() >= ck.until
+        {
+            return None;
+        }
+        let SlotState::Executed(Ok(data)) =
+            std::mem::replace(&mut self.slots[idx].state, SlotState::Saving)
+        else {
+            unreachable!("matched above");
+        };
+        let mut op = self.op(idx, Opcode::StepRun);
+        op.data = Some(data);
+        let body = serde_json::to_vec(&CheckpointBody {
+            run_id,
+            fn_id: &ck.fn_id,
+            qi_id: &ck.qi_id,
+            steps: [&op],
+            ts: now_ms(),
+        })
+        .expect("an op serialises");
+        let client = self.client.clone();
+        let run_id = run_id.to_string();
+        Some(Saving {
+            slot: idx,
+            op: Box::new(op),
+            save: Box::pin(
+                async move { crate::api::checkpoint(&client, &run_id, body.into()).await },
+            ),
+        })
+    }
+
     fn planned_op(&self, idx: usize) -> Op {
         let code = match self.slots[idx].kind {
             StepKind::Run | StepKind::SendEvent => Opcode::StepPlanned,
@@ -246,6 +291,37 @@ pub(crate) struct Exec {
     pub(crate) max_attempts: Option<u32>,
     /// How long a targeted call waits for its step to appear before giving up.
     pub(crate) step_not_found_after: Duration,
+    /// Where to save steps as they run; `None` answers every executed step with a 206.
+    pub(crate) checkpoint: Option<Checkpoint>,
+}
+
+/// How long a checkpointing call keeps running steps before it hands the run back to the
+/// server (the JS SDK's default for HTTP). Keeps every call well inside the server's timeout.
+pub(crate) const CHECKPOINT_MAX_RUNTIME: Duration = Duration::from_secs(10);
+
+/// What a checkpointing discovery call needs to save its steps (protocol §13.2).
+pub(crate) struct Checkpoint {
+    pub(crate) fn_id: String,
+    /// The server's reference to this call; a superseded call's saves are refused.
+    pub(crate) qi_id: String,
+    /// After this, executed steps are answered with a 206 instead.
+    pub(crate) until: tokio::time::Instant,
+}
+
+/// A checkpoint in flight: the step's op (answered with if the save fails) and the save.
+struct Saving {
+    slot: usize,
+    op: Box<Op>,
+    save: Pin<Box<dyn Future<Output = bool> + Send>>,
+}
+
+#[derive(serde::Serialize)]
+struct CheckpointBody<'a> {
+    run_id: &'a str,
+    fn_id: &'a str,
+    qi_id: &'a str,
+    steps: [&'a Op; 1],
+    ts: i64,
 }
 
 /// How the request is answered.
@@ -302,17 +378,30 @@ pub(crate) async fn execute(
         waiting: Vec::new(),
         client: client.clone(),
     }))));
+    let run_id = input.run_id;
     let raw = RawInput {
         event: input.event,
         events: input.events,
-        run_id: input.run_id,
+        run_id: run_id.clone(),
         attempt: exec.attempt,
         max_attempts: exec.max_attempts,
         step: Step::new(Arc::downgrade(&cell)),
     };
     let mut fut = handler(raw);
     let mut not_found_timer = None;
-    let outcome = poll_fn(|cx| drive(&cell, fut.as_mut(), cx, &exec, &mut not_found_timer)).await;
+    let mut saving = None;
+    let outcome = poll_fn(|cx| {
+        drive(
+            &cell,
+            fut.as_mut(),
+            cx,
+            &exec,
+            &run_id,
+            &mut not_found_timer,
+            &mut saving,
+        )
+    })
+    .await;
     // Interrupt the user's code now: its destructors run and its captures are freed.
     drop(fut);
     // Defence in depth: empty the state even if something still holds the Arc.
@@ -326,9 +415,37 @@ fn drive(
     mut fut: Pin<&mut (dyn Future<Output = Result<Value, Error>> + Send)>,
     cx: &mut Context<'_>,
     exec: &Exec,
+    run_id: &str,
     not_found_timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    saving: &mut Option<Saving>,
 ) -> Poll<Outcome> {
     loop {
+        if let Some(s) = saving.as_mut() {
+            let Poll::Ready(saved) = s.save.as_mut().poll(cx) else {
+                return Poll::Pending;
+            };
+            let Saving { slot, mut op, .. } = saving.take().expect("checked above");
+            if !saved {
+                return Poll::Ready(Outcome::Ran {
+                    op,
+                    retry_after: None,
+                    no_retry: false,
+                });
+            }
+            // Stored: the handler goes on with the result, as a replay would give it.
+            let data = op.data.take().unwrap_or(Value::Null);
+            let waker = {
+                let mut guard = cell.lock();
+                let st = guard
+                    .as_mut()
+                    .expect("run state lives until execute() returns");
+                st.slots[slot].state = SlotState::Released(Ok(data));
+                st.slots[slot].waker.take()
+            };
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
         if let Poll::Ready(result) = fut.as_mut().poll(cx) {
             return Poll::Ready(match result {
                 Ok(v) => Outcome::Complete(v),
@@ -345,6 +462,10 @@ fn drive(
             .iter()
             .position(|s| matches!(s.state, SlotState::Executed(_)))
         {
+            if let Some(s) = st.checkpoint(i, exec, run_id) {
+                *saving = Some(s);
+                continue;
+            }
             return Poll::Ready(st.ran(i, exec));
         }
         if let Some(waker) = st.release_next() {

@@ -167,6 +167,8 @@ pub(crate) struct Config {
     pub(crate) cancel: Vec<proto::Cancel>,
     pub(crate) timeouts: Option<proto::Timeouts>,
     pub(crate) singleton: Option<proto::Singleton>,
+    /// Save steps as they run within one call instead of one call per step (§13).
+    pub(crate) checkpointing: bool,
 }
 
 /// Where a concurrency limit applies.
@@ -369,6 +371,7 @@ impl FunctionBuilder {
             app_id: app_id.to_string(),
             config: Config {
                 id,
+                checkpointing: true,
                 ..Default::default()
             },
             on_failure: None,
@@ -453,6 +456,30 @@ impl FunctionBuilder {
             start: start.map(dur),
             finish: finish.map(dur),
         });
+        self
+    }
+    /// Whether a call may run several steps in a row, saving each to the server as it
+    /// finishes (on by default, as in the JS SDK v4).
+    ///
+    /// Each step's result is stored before the code after it runs either way. Checkpointing
+    /// only saves the server a round trip and the SDK a replay of the function per step. It
+    /// applies when the server offers it (Cairn and Inngest do); off, every step that runs
+    /// ends its call with a 206 answer.
+    ///
+    /// ```
+    /// use cairn_sdk::{Client, Ctx};
+    /// use serde_json::Value;
+    ///
+    /// let client = Client::builder("shop").dev(true).build().unwrap();
+    /// let f = client
+    ///     .function("one-step-per-call")
+    ///     .event("shop/order.paid")
+    ///     .checkpointing(false)
+    ///     .handler(|_ctx: Ctx<Value>| async move { Ok(Value::Null) });
+    /// assert_eq!(f.slug(), "shop-one-step-per-call");
+    /// ```
+    pub fn checkpointing(mut self, on: bool) -> Self {
+        self.config.checkpointing = on;
         self
     }
     /// At most one run at a time per key (or per function without a key).

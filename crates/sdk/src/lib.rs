@@ -30,10 +30,17 @@
 //!
 //! ## How a run executes
 //!
-//! The server calls the app once per step. Each call replays the function from the top:
-//! steps that already ran return their memoised output at once, and the first new step is
-//! either run on the spot (and its output reported) or, with parallel steps, reported for
-//! the server to schedule. Step ids must therefore be deterministic; loops may reuse an id.
+//! The server calls the app, which replays the function from the top: steps that already
+//! ran return their memoised output at once, and the first new step is either run on the
+//! spot or, with parallel steps, reported for the server to schedule. Step ids must
+//! therefore be deterministic; loops may reuse an id.
+//!
+//! A step run on the spot is saved to the server before the function goes on. When the
+//! server offers checkpointing (Cairn and Inngest do), the SDK saves it with a checkpoint
+//! request and carries on to the next step in the same call, so a run of sequential steps
+//! takes one call; otherwise (or with [`FunctionBuilder::checkpointing`]`(false)`) the call
+//! answers with the step's output and the server calls again for the next one. A call hands
+//! the run back to the server after 10 seconds of checkpointing, as the JS SDK does.
 //!
 //! ## Memory
 //!

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::client::{now_secs, Client, Mode, SDK_HEADER, SDK_LANGUAGE, SDK_VERSION};
-use crate::engine::{self, Exec, Input, Outcome};
+use crate::engine::{self, Checkpoint, Exec, Input, Outcome, CHECKPOINT_MAX_RUNTIME};
 use crate::function::{ErasedHandler, Function};
 
 const FRAMEWORK: &str = "axum";
@@ -608,12 +608,31 @@ impl Handler {
         } else {
             &function.inner.handler
         };
+        let discovery = step_id == STEP_DISCOVERY;
+        // Checkpoint only where the JS SDK would: a discovery call that may run steps, from a
+        // server that sent both ids (§13.1).
+        let checkpoint = match (ctx.fn_id, ctx.qi_id) {
+            (Some(fn_id), Some(qi_id))
+                if discovery
+                    && !fn_id.is_empty()
+                    && !ctx.disable_immediate_execution
+                    && function.inner.config.checkpointing =>
+            {
+                Some(Checkpoint {
+                    fn_id,
+                    qi_id,
+                    until: tokio::time::Instant::now() + CHECKPOINT_MAX_RUNTIME,
+                })
+            }
+            _ => None,
+        };
         let exec = Exec {
-            target: (step_id != STEP_DISCOVERY).then_some(step_id),
+            target: (!discovery).then_some(step_id),
             disable_immediate_execution: ctx.disable_immediate_execution,
             attempt: ctx.attempt,
             max_attempts,
             step_not_found_after: self.options.step_not_found_timeout,
+            checkpoint,
         };
         let input = Input {
             event,

@@ -273,9 +273,9 @@ where
                 this.fut.set(None);
                 let value = result.and_then(|out| serde_json::to_value(out).map_err(Error::from));
                 reg.complete(value);
-                // The engine answers the request with this result and drops the handler:
-                // a step that ran never resolves in the same request.
-                return Poll::Pending;
+                // The engine either answers the request with this result (and drops the
+                // handler) or checkpoints it and releases it to this slot: wait for that.
+                continue;
             }
             match reg.poll_slot(cx) {
                 SlotPoll::Ready(result) => return Poll::Ready(result.and_then(decode::<T>)),

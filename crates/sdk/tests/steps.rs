@@ -735,3 +735,199 @@ fn flow_control_config_serialises_as_the_wire_expects() {
         })
     );
 }
+
+/// A fake server's checkpoint endpoint: records each save in `log` and answers `status`
+/// (the first `fail_first` saves get 409 instead).
+async fn checkpoint_server(
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>,
+    fail_first: usize,
+) -> String {
+    use axum::extract::Path;
+    let app = axum::Router::new().route(
+        "/v1/checkpoint/{run}/async",
+        axum::routing::post(move |Path(run): Path<String>, body: axum::Json<Value>| {
+            let (log, bodies) = (log.clone(), bodies.clone());
+            async move {
+                let mut bodies = bodies.lock().unwrap();
+                let refused = bodies.len() < fail_first;
+                let name = body["steps"][0]["displayName"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string();
+                bodies.push((run, body.0));
+                if refused {
+                    return axum::http::StatusCode::CONFLICT;
+                }
+                log.lock().unwrap().push(format!("saved {name}"));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    listen(app).await
+}
+
+/// The founding function's shape, logging each step as it runs.
+fn logged(client: &Client, log: std::sync::Arc<std::sync::Mutex<Vec<String>>>) -> Function {
+    client
+        .function("logged")
+        .event("demo/seed")
+        .handler(move |ctx: Ctx<Value>| {
+            let log = log.clone();
+            async move {
+                let step = ctx.step();
+                let (l1, l2, l3) = (log.clone(), log.clone(), log.clone());
+                let data: String = step
+                    .run("collect-data", || async move {
+                        l1.lock().unwrap().push("ran collect-data".into());
+                        Ok("x".repeat(1024))
+                    })
+                    .await?;
+                let digest: String = step
+                    .run("digest", || async move {
+                        l2.lock().unwrap().push("ran digest".into());
+                        Ok(data[..100].to_string())
+                    })
+                    .await?;
+                step.run("finalize", || async move {
+                    l3.lock().unwrap().push("ran finalize".into());
+                    Ok(json!({ "done": true }))
+                })
+                .await?;
+                Ok(json!({ "len": digest.len() }))
+            }
+        })
+}
+
+fn checkpointing_call() -> Value {
+    let mut b = CallBuilder::new(json!({}));
+    b.checkpoint = Some(("fn-uuid".into(), "item-1@1700".into()));
+    b.build()
+}
+
+#[tokio::test]
+async fn a_checkpointing_call_saves_each_step_before_the_next_runs_and_completes() {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let server = checkpoint_server(log.clone(), bodies.clone(), 0).await;
+    let c = Client::builder("app")
+        .dev(true)
+        .base_url(&server)
+        .build()
+        .unwrap();
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [logged(&c, log.clone())])).await;
+
+    let ans = call(&url, "app-logged", "step", &checkpointing_call(), None).await;
+    assert_eq!(ans.status, 200, "{}", ans.body);
+    assert_eq!(ans.body, json!({"len": 100}));
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            "ran collect-data",
+            "saved collect-data",
+            "ran digest",
+            "saved digest",
+            "ran finalize",
+            "saved finalize"
+        ]
+    );
+    let bodies = bodies.lock().unwrap();
+    let (run, first) = &bodies[0];
+    assert_eq!(run, "01RUN");
+    assert_eq!(first["run_id"], "01RUN");
+    assert_eq!(first["fn_id"], "fn-uuid");
+    assert_eq!(first["qi_id"], "item-1@1700");
+    assert!(first["ts"].as_i64().unwrap() > 1_700_000_000_000);
+    let op = &first["steps"][0];
+    assert_eq!(op["op"], "StepRun");
+    assert_eq!(op["id"], hash("collect-data"));
+    assert_eq!(op["data"].as_str().unwrap().len(), 1024);
+    assert_eq!(bodies[2].1["steps"][0]["data"], json!({"done": true}));
+}
+
+#[tokio::test]
+async fn a_refused_checkpoint_falls_back_to_a_206_and_runs_nothing_more() {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let server = checkpoint_server(log.clone(), bodies.clone(), 1).await;
+    let c = Client::builder("app")
+        .dev(true)
+        .base_url(&server)
+        .build()
+        .unwrap();
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [logged(&c, log.clone())])).await;
+
+    let ans = call(&url, "app-logged", "step", &checkpointing_call(), None).await;
+    let op = &ans.ops()[0];
+    assert_eq!(op["op"], "StepRun");
+    assert_eq!(op["id"], hash("collect-data"));
+    assert_eq!(op["data"].as_str().unwrap().len(), 1024);
+    assert_eq!(ans.ops().len(), 1);
+    assert_eq!(*log.lock().unwrap(), ["ran collect-data"]);
+    assert_eq!(bodies.lock().unwrap().len(), 1);
+
+    // No server listening at all: the same classic answer.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let c = Client::builder("app")
+        .dev(true)
+        .base_url("http://127.0.0.1:9")
+        .build()
+        .unwrap();
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [logged(&c, log.clone())])).await;
+    let ans = call(&url, "app-logged", "step", &checkpointing_call(), None).await;
+    assert_eq!(ans.ops()[0]["id"], hash("collect-data"));
+    assert_eq!(*log.lock().unwrap(), ["ran collect-data"]);
+}
+
+#[tokio::test]
+async fn calls_that_must_not_checkpoint_answer_one_step_per_call() {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let server = checkpoint_server(log.clone(), bodies.clone(), 0).await;
+    let c = Client::builder("app")
+        .dev(true)
+        .base_url(&server)
+        .build()
+        .unwrap();
+    let off = c
+        .function("off")
+        .event("demo/off")
+        .checkpointing(false)
+        .handler(|ctx: Ctx<Value>| async move {
+            let a: u32 = ctx.step().run("a", || async { Ok(1) }).await?;
+            let b: u32 = ctx.step().run("b", || async { Ok(2) }).await?;
+            Ok(json!(a + b))
+        });
+    let url = serve_sdk(cairn_sdk::serve(c.clone(), [off, logged(&c, log.clone())])).await;
+
+    // Turned off for the function.
+    let ans = call(&url, "app-off", "step", &checkpointing_call(), None).await;
+    assert_eq!(ans.ops()[0]["id"], hash("a"));
+    // A targeted call runs its one step and answers with it.
+    let ans = call(
+        &url,
+        "app-logged",
+        &hash("collect-data"),
+        &checkpointing_call(),
+        None,
+    )
+    .await;
+    assert_eq!(ans.ops()[0]["id"], hash("collect-data"));
+    // The server asked for every step to be scheduled: nothing runs inline.
+    let mut b = CallBuilder::new(json!({}));
+    b.checkpoint = Some(("fn-uuid".into(), "item-1@1700".into()));
+    b.disable_immediate_execution = true;
+    let ans = call(&url, "app-logged", "step", &b.build(), None).await;
+    assert_eq!(ans.ops()[0]["op"], "StepPlanned");
+    // No fn_id: the server does not take checkpoints.
+    let ans = call(
+        &url,
+        "app-logged",
+        "step",
+        &CallBuilder::new(json!({})).build(),
+        None,
+    )
+    .await;
+    assert_eq!(ans.ops()[0]["op"], "StepRun");
+    assert!(bodies.lock().unwrap().is_empty(), "no call checkpointed");
+}

@@ -651,15 +651,19 @@ async fn checkpoint_async(State(engine): S, Path(id): Path<String>, body: Bytes)
         Ok(b) => b,
         Err(e) => return bad(format!("invalid checkpoint body: {e}")),
     };
-    match engine.store.get_run(&id).await {
-        Ok(Some(r)) if r.status == RunStatus::Running => {}
-        Ok(_) => return bad("run not found or not running".into()),
-        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
     let dispatch = req
         .qi_id
         .as_deref()
         .and_then(crate::executor::parse_dispatch_ref);
+    // With a dispatch the store checks it in the write (a run that ended has no queue items
+    // left, so its calls are stale); without one, check the run here.
+    if dispatch.is_none() {
+        match engine.store.get_run(&id).await {
+            Ok(Some(r)) if r.status == RunStatus::Running => {}
+            Ok(_) => return bad("run not found or not running".into()),
+            Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
     let mut apply = crate::store::Apply {
         run_id: id.clone(),
         reset_attempt: dispatch.as_ref().map(|(item, _)| item.clone()),

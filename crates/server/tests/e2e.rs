@@ -551,3 +551,55 @@ async fn get_run_with_wait_ms_answers_when_the_run_ends() {
         "no waiter left behind"
     );
 }
+
+/// The checkpoint endpoint's wrong inputs: each gets the status the JS SDK acts on (§13.2).
+/// (That a refused checkpoint stores nothing is the store's `superseded dispatch` test.)
+#[tokio::test]
+async fn checkpoints_that_cannot_be_taken_are_refused_with_the_reason() {
+    let ts = TestServer::start().await;
+    let post = |body: Vec<u8>| {
+        let http = ts.http.clone();
+        let url = format!("{}/v1/checkpoint/01NORUN/async", ts.base);
+        async move {
+            let r = http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let step = json!({"id": "h", "op": "StepRun", "data": 1});
+
+    let (status, body) = post(b"{not json".to_vec()).await;
+    assert_eq!(status, 400);
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("invalid checkpoint body"));
+
+    // No queue item named: the run itself must be running.
+    let (status, body) = post(serde_json::to_vec(&json!({"steps": [step]})).unwrap()).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["data"]["run_id"], "01NORUN");
+
+    // A call the server no longer waits for (the run ended, or the call was retried).
+    let (status, body) =
+        post(serde_json::to_vec(&json!({"qi_id": "01NORUN:start@5", "steps": [step]})).unwrap())
+            .await;
+    assert_eq!(status, 409, "{body}");
+
+    // Only steps that ran in the SDK can be checkpointed.
+    let sleep = json!({"id": "z", "op": "Sleep", "name": "1s"});
+    let (status, body) =
+        post(serde_json::to_vec(&json!({"qi_id": "01NORUN:start@5", "steps": [sleep]})).unwrap())
+            .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("cannot checkpoint async steps"));
+}

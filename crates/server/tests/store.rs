@@ -535,6 +535,19 @@ async fn writes_from_a_superseded_dispatch_are_refused(db: &Db) {
         store.apply(stale, matcher(), 5).await,
         Err(StoreError::LeaseLost(_))
     ));
+    // The right item and due time, but named by a checkpoint for another run.
+    let other = make_run(&*store, "RUN10").await;
+    let elsewhere = Apply {
+        run_id: other.clone(),
+        dispatch: Some((item.clone(), 0)),
+        memos: vec![("x".into(), MemoJson::new(&json!({"data": 3})))],
+        ..Default::default()
+    };
+    assert!(matches!(
+        store.apply(elsewhere, matcher(), 5).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    assert!(store.steps(&other).await.unwrap().is_empty());
     let current = Apply {
         run_id: run.clone(),
         dispatch: Some((item, 0)),

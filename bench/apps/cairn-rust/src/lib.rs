@@ -37,6 +37,12 @@ pub enum Stashed {
 
 pub static STASH: Mutex<Vec<Stashed>> = Mutex::new(Vec::new());
 
+/// `BENCH_CHECKPOINTING=0` runs one step per call (the classic protocol) instead of the
+/// SDK's default, checkpointing each step and going on in the same call: for comparing the two.
+fn checkpointing() -> bool {
+    std::env::var("BENCH_CHECKPOINTING").map_or(true, |v| v != "0")
+}
+
 /// `stash`: `None` (the benchmark), `Some(false)` keep the step handle, `Some(true)` keep
 /// the whole `Ctx`.
 pub fn founding(client: &Client, stash: Option<bool>) -> Function {
@@ -44,6 +50,7 @@ pub fn founding(client: &Client, stash: Option<bool>) -> Function {
         .function("founding")
         .event(EVENT)
         .retries(0)
+        .checkpointing(checkpointing())
         .handler(move |ctx: Ctx<Value>| async move {
             match stash {
                 Some(false) => STASH.lock().unwrap().push(Stashed::Step(ctx.step())),
@@ -64,6 +71,7 @@ pub fn founding_keyed(client: &Client) -> Function {
         .function("founding-keyed")
         .event(KEYED_EVENT)
         .retries(0)
+        .checkpointing(checkpointing())
         .concurrency(Concurrency::new(KEYED_LIMIT).key(KEYED_KEY))
         .handler(|ctx: Ctx<Value>| async move {
             let tenant = ctx.event.data.get("tenant").and_then(Value::as_str);

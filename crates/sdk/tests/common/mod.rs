@@ -39,6 +39,8 @@ pub struct CallBuilder {
     pub max_attempts: Option<u32>,
     pub disable_immediate_execution: bool,
     pub use_api: bool,
+    /// `ctx.fn_id` and `ctx.qi_id`: a server that takes checkpoints sends both.
+    pub checkpoint: Option<(String, String)>,
 }
 
 impl CallBuilder {
@@ -51,6 +53,7 @@ impl CallBuilder {
             max_attempts: Some(4),
             disable_immediate_execution: false,
             use_api: false,
+            checkpoint: None,
         }
     }
     /// Memoises `memo` under the user step id `id` and appends it to the stack.
@@ -80,6 +83,10 @@ impl CallBuilder {
         });
         if let Some(m) = self.max_attempts {
             ctx["max_attempts"] = json!(m);
+        }
+        if let Some((fn_id, qi_id)) = &self.checkpoint {
+            ctx["fn_id"] = json!(fn_id);
+            ctx["qi_id"] = json!(qi_id);
         }
         json!({
             "event": self.event,

@@ -917,8 +917,9 @@ async fn apply_inner<C: GenericClient>(
     if let Some((id, at)) = &a.dispatch {
         let current: Option<i64> = query_opt(
             c,
-            "SELECT available_at FROM queue WHERE id=$1 FOR UPDATE",
-            &[id],
+            // The item must be this run's: a checkpoint names both.
+            "SELECT available_at FROM queue WHERE id=$1 AND run_id=$2 FOR UPDATE",
+            &[id, &a.run_id],
         )
         .await?
         .map(|r| r.get(0));

@@ -784,9 +784,10 @@ fn apply_inner(
     }
     if let Some((id, at)) = &a.dispatch {
         let current: Option<i64> = conn
-            .prepare_cached("SELECT available_at FROM queue WHERE id=?")
+            // The item must be this run's: a checkpoint names both.
+            .prepare_cached("SELECT available_at FROM queue WHERE id=? AND run_id=?")
             .map_err(be)?
-            .query_row([id], |r| r.get(0))
+            .query_row([id, &a.run_id], |r| r.get(0))
             .optional()
             .map_err(be)?;
         if current != Some(*at) {
