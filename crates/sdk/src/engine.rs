@@ -26,7 +26,8 @@
 //! result handed straight back to the handler, which goes on to its next step in the same
 //! request. Each result is stored before the code after it runs, as with a 206 answer; the
 //! run just skips a server round trip and a replay per step. If a save fails, or the call has
-//! run for [`CHECKPOINT_MAX_RUNTIME`], the step is reported in the classic 206 answer.
+//! run for `ServeOptions::checkpoint_max_runtime`, the step is reported in the classic 206
+//! answer.
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
@@ -294,10 +295,6 @@ pub(crate) struct Exec {
     /// Where to save steps as they run; `None` answers every executed step with a 206.
     pub(crate) checkpoint: Option<Checkpoint>,
 }
-
-/// How long a checkpointing call keeps running steps before it hands the run back to the
-/// server (the JS SDK's default for HTTP). Keeps every call well inside the server's timeout.
-pub(crate) const CHECKPOINT_MAX_RUNTIME: Duration = Duration::from_secs(10);
 
 /// What a checkpointing discovery call needs to save its steps (protocol §13.2).
 pub(crate) struct Checkpoint {

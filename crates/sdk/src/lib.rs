@@ -40,7 +40,8 @@
 //! request and carries on to the next step in the same call, so a run of sequential steps
 //! takes one call; otherwise (or with [`FunctionBuilder::checkpointing`]`(false)`) the call
 //! answers with the step's output and the server calls again for the next one. A call hands
-//! the run back to the server after 10 seconds of checkpointing, as the JS SDK does.
+//! the run back to the server after [`ServeOptions::checkpoint_max_runtime`] (10 s, as in
+//! the JS SDK).
 //!
 //! ## Memory
 //!

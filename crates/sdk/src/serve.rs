@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::client::{now_secs, Client, Mode, SDK_HEADER, SDK_LANGUAGE, SDK_VERSION};
-use crate::engine::{self, Checkpoint, Exec, Input, Outcome, CHECKPOINT_MAX_RUNTIME};
+use crate::engine::{self, Checkpoint, Exec, Input, Outcome};
 use crate::function::{ErasedHandler, Function};
 
 const FRAMEWORK: &str = "axum";
@@ -38,6 +38,10 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// How long a targeted call waits for its step before answering "step not found".
     pub step_not_found_timeout: Duration,
+    /// How long a checkpointing call goes on running steps; the next step that finishes
+    /// after this is answered with a 206, and the server calls again. Keep it well under the
+    /// server's call timeout and any proxy's request timeout. Default 10 s, as the JS SDK.
+    pub checkpoint_max_runtime: Duration,
 }
 
 impl Default for ServeOptions {
@@ -47,6 +51,7 @@ impl Default for ServeOptions {
             serve_path: None,
             max_body_bytes: 16 * 1024 * 1024,
             step_not_found_timeout: Duration::from_secs(10),
+            checkpoint_max_runtime: Duration::from_secs(10),
         }
     }
 }
@@ -621,7 +626,7 @@ impl Handler {
                 Some(Checkpoint {
                     fn_id,
                     qi_id,
-                    until: tokio::time::Instant::now() + CHECKPOINT_MAX_RUNTIME,
+                    until: tokio::time::Instant::now() + self.options.checkpoint_max_runtime,
                 })
             }
             _ => None,

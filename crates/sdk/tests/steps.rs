@@ -931,3 +931,46 @@ async fn calls_that_must_not_checkpoint_answer_one_step_per_call() {
     assert_eq!(ans.ops()[0]["op"], "StepRun");
     assert!(bodies.lock().unwrap().is_empty(), "no call checkpointed");
 }
+
+#[tokio::test]
+async fn a_call_past_its_checkpoint_runtime_answers_its_next_step_with_a_206() {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let server = checkpoint_server(log.clone(), bodies.clone(), 0).await;
+    let c = Client::builder("app")
+        .dev(true)
+        .base_url(&server)
+        .build()
+        .unwrap();
+    let slow = c
+        .function("slow")
+        .event("demo/slow")
+        .handler(|ctx: Ctx<Value>| async move {
+            let step = ctx.step();
+            let a: u32 = step.run("a", || async { Ok(1) }).await?;
+            let b: u32 = step
+                .run("b", || async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok(a + 1)
+                })
+                .await?;
+            let c: u32 = step.run("c", || async move { Ok(b + 1) }).await?;
+            Ok(json!(c))
+        });
+    let opts = cairn_sdk::ServeOptions {
+        checkpoint_max_runtime: Duration::from_millis(150),
+        ..Default::default()
+    };
+    let url = serve_sdk(cairn_sdk::serve_with(c.clone(), [slow], opts)).await;
+    let ans = call(&url, "app-slow", "step", &checkpointing_call(), None).await;
+    let ops = ans.ops();
+    assert_eq!(ops.len(), 1);
+    assert_eq!(ops[0]["op"], "StepRun");
+    assert_eq!(ops[0]["id"], hash("b"));
+    assert_eq!(ops[0]["data"], 2);
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["saved a"],
+        "only `a` was checkpointed"
+    );
+}
