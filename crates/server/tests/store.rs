@@ -525,8 +525,10 @@ async fn writes_from_a_superseded_dispatch_are_refused(db: &Db) {
     let store = db.open().await;
     let run = make_run(&*store, "RUN9").await;
     let item = format!("{run}:start");
+    // Shaped as checkpoints are (PostgreSQL has a one-statement path for them).
     let stale = Apply {
         run_id: run.clone(),
+        reset_attempt: Some(item.clone()),
         dispatch: Some((item.clone(), 12345)),
         memos: vec![("x".into(), MemoJson::new(&json!({"data": 1})))],
         ..Default::default()
@@ -539,6 +541,7 @@ async fn writes_from_a_superseded_dispatch_are_refused(db: &Db) {
     let other = make_run(&*store, "RUN10").await;
     let elsewhere = Apply {
         run_id: other.clone(),
+        reset_attempt: Some(item.clone()),
         dispatch: Some((item.clone(), 0)),
         memos: vec![("x".into(), MemoJson::new(&json!({"data": 3})))],
         ..Default::default()
@@ -550,6 +553,7 @@ async fn writes_from_a_superseded_dispatch_are_refused(db: &Db) {
     assert!(store.steps(&other).await.unwrap().is_empty());
     let current = Apply {
         run_id: run.clone(),
+        reset_attempt: Some(item.clone()),
         dispatch: Some((item, 0)),
         memos: vec![("x".into(), MemoJson::new(&json!({"data": 2})))],
         ..Default::default()

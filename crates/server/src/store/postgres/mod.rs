@@ -1054,6 +1054,74 @@ fn fast_shape(a: &Apply) -> bool {
         && a.reset_attempt.is_none()
 }
 
+/// Whether `a` is a checkpoint (§13.2): memos from the call `dispatch` names, whose
+/// attempt counter is reset, and nothing else.
+fn checkpoint_shape(a: &Apply) -> bool {
+    let Apply {
+        item,
+        run_id: _,
+        memos: _,
+        enqueue,
+        retry,
+        pauses,
+        events,
+        apply_events,
+        version,
+        disable_immediate,
+        add_pending,
+        complete_pending,
+        expire_pause,
+        finish,
+        lifecycle,
+        reset_attempt,
+        dispatch,
+    } = a;
+    matches!((dispatch, reset_attempt), (Some((d, _)), Some(r)) if d == r)
+        && item.is_none()
+        && enqueue.is_empty()
+        && retry.is_none()
+        && pauses.is_empty()
+        && events.is_empty()
+        && apply_events.is_empty()
+        && version.is_none()
+        && disable_immediate.is_none()
+        && add_pending.is_empty()
+        && complete_pending.is_none()
+        && expire_pause.is_none()
+        && finish.is_none()
+        && lifecycle.is_none()
+}
+
+/// Apply a [`checkpoint_shape`] in ONE statement: save the memos (first write wins) and reset
+/// the call's attempts, if the call is still the current dispatch of a running run. `false`
+/// when it is not; nothing is written then. A run ends by deleting its queue items, so the
+/// update of the call's item serialises this statement against every way a run ends.
+async fn apply_checkpoint<C: GenericClient>(c: &C, a: &Apply) -> R<bool> {
+    let Some((item_id, available_at)) = &a.dispatch else {
+        return Ok(false);
+    };
+    let memo_hashes: Vec<&str> = a.memos.iter().map(|(h, _)| h.as_str()).collect();
+    let memo_bodies: Vec<&str> = a.memos.iter().map(|(_, m)| m.as_str()).collect();
+    let row = query_opt(
+        c,
+        "WITH q AS (
+           UPDATE queue SET attempt = 0
+           WHERE id = $1 AND run_id = $2 AND available_at = $3
+             AND EXISTS (SELECT 1 FROM runs WHERE run_id = $2 AND status = 'Running')
+           RETURNING 1
+         ), m AS (
+           INSERT INTO steps(run_id, hash, memo)
+           SELECT $2, t.h, t.m FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS t(h, m, o)
+           WHERE EXISTS (SELECT 1 FROM q) ORDER BY t.o
+           ON CONFLICT (run_id, hash) DO NOTHING
+         )
+         SELECT EXISTS (SELECT 1 FROM q)",
+        &[item_id, &a.run_id, available_at, &memo_hashes, &memo_bodies],
+    )
+    .await?;
+    Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
+}
+
 /// Apply a result of [`fast_shape`] in ONE statement (so one round trip and, outside a
 /// transaction block, one commit), optionally leasing the run's next call to `lease`.
 ///
@@ -1754,6 +1822,16 @@ impl Store for PostgresStore {
         matcher: Arc<dyn PauseMatcher>,
         now: i64,
     ) -> StoreResult<()> {
+        if checkpoint_shape(&apply) {
+            let c = self.client().await?;
+            match apply_checkpoint(&c, &apply).await {
+                Ok(true) => return Ok(()),
+                // A stale call or an ended run: the general path says which.
+                Ok(false) => {}
+                Err(e) if retryable(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         if fast_shape(&apply) {
             // Scoped: the general path below takes a connection of its own.
             let fast = {
