@@ -220,12 +220,13 @@ pub fn tenant_id(i: usize) -> String {
     format!("tenant-{i:04}")
 }
 
-/// Sends one event, polls for its run (paced by the recent server-measured latency: first
-/// after 70 % of it, then every tenth of it, 0.3–20 ms), then, with `long_poll`, waits for
-/// the run's end with `GET /v1/runs/{id}?wait_ms=…`, which the server answers when the run
-/// ends; without it (or when the server answers early: a server without `wait_ms`), polls
-/// `GET /v1/runs/{id}` at the same pace. The reported latency comes from the server's own
-/// `ended_at`, so the polling does not blur it.
+/// Sends one event and waits for its run. With `long_poll`, at once with
+/// `GET /v1/events/{id}/runs?wait_ms=…`, which the server answers when the event's runs have
+/// ended; a server that answers with the run still going (one without that wait) is then
+/// asked `GET /v1/runs/{id}?wait_ms=…`, and one without that either is polled. Without
+/// `long_poll`, polls for the run and then its end, paced by the recent server-measured
+/// latency (first after 70 % of it, then every tenth of it, 0.3–20 ms). The reported latency
+/// comes from the server's own `ended_at`, so the polling does not blur it.
 async fn cairn_run(
     http: &reqwest::Client,
     base: &str,
@@ -257,7 +258,8 @@ async fn cairn_run(
     let mut run_id: Option<String> = None;
     let mut polls = 0u32;
     let give_up = (accepted + RUN_TIMEOUT).min(deadline + Duration::from_secs(30));
-    let mut pace = true;
+    let query = if long_poll { "?wait_ms=10000" } else { "" };
+    let mut pace = !long_poll;
     loop {
         if pace {
             tokio::time::sleep(wait).await;
@@ -268,7 +270,7 @@ async fn cairn_run(
         let run = match &run_id {
             None => {
                 let v: Value = http
-                    .get(format!("{base}/v1/events/{event_id}/runs"))
+                    .get(format!("{base}/v1/events/{event_id}/runs{query}"))
                     .send()
                     .await?
                     .json()
@@ -282,7 +284,6 @@ async fn cairn_run(
                 }
             }
             Some(id) => {
-                let query = if long_poll { "?wait_ms=10000" } else { "" };
                 let v: Value = http
                     .get(format!("{base}/v1/runs/{id}{query}"))
                     .send()
@@ -311,7 +312,7 @@ async fn cairn_run(
             Some(s @ ("Failed" | "Cancelled")) => bail!("run {s}: {}", run["output"]),
             _ => {}
         }
-        // The first long poll goes out at once; one that came back with the run still going
+        // Long polls go out at once; a run's long poll that came back with the run still going
         // (a server without `wait_ms`, or the wait ran out) is followed by paced polls, so an
         // older server is not polled in a tight loop.
         pace = !long_poll || long_polled || run_id.is_none();

@@ -1265,7 +1265,7 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
             String::new()
         },
         if long_poll {
-            "`GET /v1/runs/{id}?wait_ms=10000`"
+            "`GET /v1/events/{id}/runs?wait_ms=10000`"
         } else {
             "paced polls of `GET /v1/runs/{id}` (as the baseline needs)"
         }
@@ -1383,7 +1383,7 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
             "machine": machine_description().trim(), "smoke": smoke, "runs": n, "concurrency": c,
             "size_bytes": size, "tenants": tenants, "limit_per_tenant": KEYED_LIMIT,
             "keyed_event": a.flow_event, "hot_every": a.hot_every, "rounds": rounds, "baseline": a.baseline_label.clone(),
-            "run_end_awaited_by": if long_poll { "GET /v1/runs/{id}?wait_ms=10000" } else { "paced polls of GET /v1/runs/{id}" },
+            "run_end_awaited_by": if long_poll { "GET /v1/events/{id}/runs?wait_ms=10000" } else { "paced polls of GET /v1/runs/{id}" },
             "phases": phases, "aggregates": aggs,
             "keyed_over_unconstrained": keyed_ratio.as_ref().map(|(r, rs)| json!({ "ratio": r, "by_round": rs, "median_of_rounds": median(rs), "server_cpu_per_run_ratio": cpu_ratio("keyed", "unconstrained") })),
             "this_over_baseline": before_ratio.as_ref().map(|(r, rs)| json!({ "ratio": r, "by_round": rs, "median_of_rounds": median(rs), "server_cpu_per_run_ratio": cpu_ratio("unconstrained", "baseline") })),
@@ -1568,7 +1568,7 @@ async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
     }
     let mut md = String::from("## Several nodes on PostgreSQL\n\n");
     md.push_str(&format!(
-        "`cairn dev` nodes sharing one PostgreSQL {version} database (fsync=on, synchronous_commit=on), each phase on a fresh database and fresh processes; one Rust SDK app; the founding function at C={c}, 1 KiB, {n} measured runs after a warm-up, {}. Statements are counted by each node (`cairn_db_statements_total`, BEGIN and COMMIT included) over warm-up and measured runs; an SDK call is one request to the app (4 per run: 3 steps and the final return).\n\n",
+        "`cairn dev` nodes sharing one PostgreSQL {version} database (fsync=on, synchronous_commit=on), each phase on a fresh database and fresh processes; one Rust SDK app; the founding function at C={c}, 1 KiB, {n} measured runs after a warm-up, {}. Statements are counted by each node (`cairn_db_statements_total`, BEGIN and COMMIT included) over warm-up and measured runs; an SDK call is one request to the app (1 per run when the Rust SDK checkpoints its steps, as it does by default; 4 with `BENCH_CHECKPOINTING=0`: 3 steps and the final return).\n\n",
         if a.nodes_send_to_first {
             "every run sent to the first node and awaited there, the other nodes idle beside it"
         } else {

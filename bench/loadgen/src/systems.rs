@@ -98,8 +98,8 @@ pub enum Driver {
     /// also carries `"tenant": "tenant-NNNN"`, run i going to tenant i mod `tenants` — or,
     /// with `hot_every = K > 0`, every K-th run to tenant-0000 (the hot tenant) and the
     /// others round-robin over the rest. With `long_poll`, the run's end is awaited with
-    /// `GET /v1/runs/{id}?wait_ms=…`; without it, by paced polls (what a server from before
-    /// `wait_ms` needs; see `load::cairn_run`).
+    /// `GET /v1/events/{id}/runs?wait_ms=…`; without it, by paced polls (what a server from
+    /// before `wait_ms` needs; see `load::cairn_run`).
     Cairn {
         /// Nodes to send to: run i goes to `bases[i % len]` and is awaited there.
         bases: Vec<String>,

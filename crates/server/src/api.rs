@@ -742,15 +742,57 @@ async fn get_event(State(engine): S, Path(id): Path<String>) -> Response {
     }
 }
 
-async fn event_runs(State(engine): S, Path(id): Path<String>) -> Response {
+/// The runs an event started; with `?wait_ms=N`, answered once all of them have ended (or
+/// after N ms, some still running), so a client can send an event and wait for its outcome
+/// in two requests. Runs flow control has not started yet (a debounce, a batch) are not
+/// waited for: they are not the event's runs until they exist.
+async fn event_runs(
+    State(engine): S,
+    Path(id): Path<String>,
+    Query(q): Query<RunQuery>,
+) -> Response {
     let ev = match engine.store.get_event(&id).await {
         Ok(Some(e)) => e,
         Ok(None) => return err(StatusCode::NOT_FOUND, "event not found"),
         Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    match engine.store.runs_for_event(&ev.internal_id).await {
-        Ok(runs) => wrap(Value::Array(runs.iter().map(run_json).collect())),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_RUN_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    // The running run being waited for, registered before the read that found it running.
+    let mut waiter: Option<(String, crate::waiters::Waiter<'_>)> = None;
+    loop {
+        let next = {
+            let woken = waiter.as_ref().map(|(_, w)| w.notified());
+            tokio::pin!(woken);
+            if let Some(w) = woken.as_mut().as_pin_mut() {
+                w.enable();
+            }
+            let runs = match engine.store.runs_for_event(&ev.internal_id).await {
+                Ok(runs) => runs,
+                Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            };
+            let now = tokio::time::Instant::now();
+            let running = runs.iter().find(|r| r.status == RunStatus::Running);
+            let Some(running) = running.filter(|_| !wait.is_zero() && now < deadline) else {
+                return wrap(Value::Array(runs.iter().map(run_json).collect()));
+            };
+            if waiter.as_ref().map(|(id, _)| id) == Some(&running.run_id) {
+                let recheck = (deadline - now).min(engine.run_waiters.recheck_every());
+                tokio::select! {
+                    _ = async { if let Some(w) = woken.as_mut().as_pin_mut() { w.await } } => {}
+                    _ = tokio::time::sleep(recheck) => {}
+                }
+                None
+            } else {
+                // Not registered when it was read: register, then read again, so an end
+                // between the two is not missed.
+                Some(running.run_id.clone())
+            }
+        };
+        if let Some(run_id) = next {
+            let w = engine.run_waiters.register(&run_id);
+            waiter = Some((run_id, w));
+        }
     }
 }
 

@@ -552,6 +552,65 @@ async fn get_run_with_wait_ms_answers_when_the_run_ends() {
     );
 }
 
+#[tokio::test]
+async fn event_runs_with_wait_ms_answer_when_every_run_of_the_event_has_ended() {
+    let ts = TestServer::start().await;
+    // Two functions on one event: the answer waits for the slower.
+    let slow = FakeFn::new(
+        "slow",
+        "test/both",
+        vec![Step::Sleep("nap", "1s"), Step::Run("after", json!(1))],
+    );
+    let quick = FakeFn::new("quick", "test/both", vec![Step::Run("only", json!(2))]);
+    let app = FakeApp::start("evwait", vec![slow, quick]).await;
+    ts.register(&app).await;
+    let ids = ts.send(json!({"name": "test/both", "data": {}})).await;
+    let t = std::time::Instant::now();
+    // A short wait times out and shows the sleeping run still running.
+    let r = ts
+        .get(&format!("/v1/events/{}/runs?wait_ms=200", ids[0]))
+        .await;
+    let statuses = |r: &Value| -> Vec<String> {
+        let mut s: Vec<String> = r["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|run| run["status"].as_str().unwrap().to_string())
+            .collect();
+        s.sort();
+        s
+    };
+    assert!(statuses(&r).contains(&"Running".to_string()), "{r}");
+    assert!(t.elapsed() >= std::time::Duration::from_millis(190));
+    // A long wait answers once both have ended, well before the wait is up.
+    let r = ts
+        .get(&format!("/v1/events/{}/runs?wait_ms=20000", ids[0]))
+        .await;
+    assert_eq!(statuses(&r), ["Completed", "Completed"], "{r}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    assert!(
+        ts.server.engine().run_waiters.is_empty(),
+        "no waiter left behind"
+    );
+
+    // An event no function takes has no runs to wait for: answered at once.
+    let ids = ts.send(json!({"name": "test/nobody", "data": {}})).await;
+    let t = std::time::Instant::now();
+    let r = ts
+        .get(&format!("/v1/events/{}/runs?wait_ms=20000", ids[0]))
+        .await;
+    assert_eq!(r["data"], json!([]));
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    // An unknown event is a 404, waiting or not.
+    let r = ts
+        .http
+        .get(format!("{}/v1/events/01NOSUCH/runs?wait_ms=1000", ts.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
 /// The checkpoint endpoint's wrong inputs: each gets the status the JS SDK acts on (§13.2).
 /// (That a refused checkpoint stores nothing is the store's `superseded dispatch` test.)
 #[tokio::test]
