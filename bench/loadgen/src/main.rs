@@ -90,6 +90,11 @@ struct ThroughputArgs {
     /// Time budget per scenario and system, seconds (measured phase).
     #[arg(long)]
     budget_s: Option<u64>,
+    /// Rounds per scenario: each system once per round, in reverse order every other round,
+    /// each on fresh processes. The ratios are taken within a round and their median is
+    /// judged against the goals: on a machine shared with others, one pair is noise.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 #[derive(clap::Args, Clone)]
@@ -383,11 +388,21 @@ async fn throughput(paths: &Paths, smoke: bool, a: &ThroughputArgs) -> Result<St
             continue;
         }
         let n = a.runs.unwrap_or(if smoke { sc.n_smoke } else { sc.n_full });
-        for system in &a.systems {
-            eprintln!("- {} / {system}: {n} runs at C={}", sc.name, sc.c);
-            match one_scenario(paths, system, sc, n, budget).await {
-                Ok(r) => {
-                    eprintln!(
+        let rounds = a.rounds.max(1);
+        for round in 0..rounds {
+            let mut systems: Vec<&String> = a.systems.iter().collect();
+            if round % 2 == 1 {
+                systems.reverse();
+            }
+            for system in systems {
+                eprintln!(
+                    "- {} / {system}: {n} runs at C={} (round {round})",
+                    sc.name, sc.c
+                );
+                match one_scenario(paths, system, sc, n, budget).await {
+                    Ok(mut r) => {
+                        r.round = round;
+                        eprintln!(
                         "    {:.1} runs/s, p50 {:.1} ms, p99 {:.1} ms, server peak {:.0} MiB, errors {}",
                         r.runs_per_s,
                         r.latency_ms.p50,
@@ -395,17 +410,18 @@ async fn throughput(paths: &Paths, smoke: bool, a: &ThroughputArgs) -> Result<St
                         r.server().map(|p| p.peak_rss_mib).unwrap_or(0.0),
                         r.errors
                     );
-                    if r.errors > 0 || r.runs_ok == 0 {
-                        failures.push(format!(
-                            "{} / {system}: {} errors, first: {:?}",
-                            sc.name, r.errors, r.first_error
-                        ));
+                        if r.errors > 0 || r.runs_ok == 0 {
+                            failures.push(format!(
+                                "{} / {system}: {} errors, first: {:?}",
+                                sc.name, r.errors, r.first_error
+                            ));
+                        }
+                        results.push(r);
                     }
-                    results.push(r);
-                }
-                Err(e) => {
-                    eprintln!("    FAILED: {e:#}");
-                    failures.push(format!("{} / {system}: {e:#}", sc.name));
+                    Err(e) => {
+                        eprintln!("    FAILED: {e:#}");
+                        failures.push(format!("{} / {system}: {e:#}", sc.name));
+                    }
                 }
             }
         }
@@ -578,6 +594,7 @@ async fn measure_samples(
             _ => f64::NAN,
         },
         data_bytes_end: stack.data_bytes(),
+        round: 0,
     };
     Ok((result, out.samples))
 }
@@ -1237,15 +1254,7 @@ async fn flow(paths: &Paths, smoke: bool, a: &FlowArgs) -> Result<String> {
             .collect();
         Some((x.runs_per_s / y.runs_per_s, by_round))
     };
-    let median = |v: &[f64]| -> f64 {
-        let mut v = v.to_vec();
-        v.sort_by(|a, b| a.total_cmp(b));
-        match v.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
-    };
+    let median = report::median;
     let keyed_ratio = ratio_of("keyed", "unconstrained");
     let before_ratio = ratio_of("unconstrained", "baseline");
 
