@@ -736,26 +736,28 @@ fn flow_control_config_serialises_as_the_wire_expects() {
     );
 }
 
-/// A fake server's checkpoint endpoint: records each save in `log` and answers `status`
-/// (the first `fail_first` saves get 409 instead).
-async fn checkpoint_server(
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    bodies: std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>,
-    fail_first: usize,
-) -> String {
+type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+type Saves = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
+
+/// A fake server whose checkpoint endpoint records each save (in `log` as `saved <step>`,
+/// and each body in `saves`) and answers 200, or 409 to the first `refuse_first` saves;
+/// returns them with a dev client pointed at it.
+async fn checkpoint_server(refuse_first: usize) -> (Log, Saves, Client) {
     use axum::extract::Path;
+    let (log, saves): (Log, Saves) = Default::default();
+    let (l, b) = (log.clone(), saves.clone());
     let app = axum::Router::new().route(
         "/v1/checkpoint/{run}/async",
         axum::routing::post(move |Path(run): Path<String>, body: axum::Json<Value>| {
-            let (log, bodies) = (log.clone(), bodies.clone());
+            let (log, saves) = (l.clone(), b.clone());
             async move {
-                let mut bodies = bodies.lock().unwrap();
-                let refused = bodies.len() < fail_first;
+                let mut saves = saves.lock().unwrap();
+                let refused = saves.len() < refuse_first;
                 let name = body["steps"][0]["displayName"]
                     .as_str()
                     .unwrap_or("?")
                     .to_string();
-                bodies.push((run, body.0));
+                saves.push((run, body.0));
                 if refused {
                     return axum::http::StatusCode::CONFLICT;
                 }
@@ -764,11 +766,17 @@ async fn checkpoint_server(
             }
         }),
     );
-    listen(app).await
+    let server = listen(app).await;
+    let client = Client::builder("app")
+        .dev(true)
+        .base_url(&server)
+        .build()
+        .unwrap();
+    (log, saves, client)
 }
 
 /// The founding function's shape, logging each step as it runs.
-fn logged(client: &Client, log: std::sync::Arc<std::sync::Mutex<Vec<String>>>) -> Function {
+fn logged(client: &Client, log: Log) -> Function {
     client
         .function("logged")
         .event("demo/seed")
@@ -807,14 +815,7 @@ fn checkpointing_call() -> Value {
 
 #[tokio::test]
 async fn a_checkpointing_call_saves_each_step_before_the_next_runs_and_completes() {
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let server = checkpoint_server(log.clone(), bodies.clone(), 0).await;
-    let c = Client::builder("app")
-        .dev(true)
-        .base_url(&server)
-        .build()
-        .unwrap();
+    let (log, bodies, c) = checkpoint_server(0).await;
     let url = serve_sdk(cairn_sdk::serve(c.clone(), [logged(&c, log.clone())])).await;
 
     let ans = call(&url, "app-logged", "step", &checkpointing_call(), None).await;
@@ -847,14 +848,7 @@ async fn a_checkpointing_call_saves_each_step_before_the_next_runs_and_completes
 
 #[tokio::test]
 async fn a_refused_checkpoint_falls_back_to_a_206_and_runs_nothing_more() {
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let server = checkpoint_server(log.clone(), bodies.clone(), 1).await;
-    let c = Client::builder("app")
-        .dev(true)
-        .base_url(&server)
-        .build()
-        .unwrap();
+    let (log, bodies, c) = checkpoint_server(1).await;
     let url = serve_sdk(cairn_sdk::serve(c.clone(), [logged(&c, log.clone())])).await;
 
     let ans = call(&url, "app-logged", "step", &checkpointing_call(), None).await;
@@ -867,7 +861,7 @@ async fn a_refused_checkpoint_falls_back_to_a_206_and_runs_nothing_more() {
     assert_eq!(bodies.lock().unwrap().len(), 1);
 
     // No server listening at all: the same classic answer.
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = Log::default();
     let c = Client::builder("app")
         .dev(true)
         .base_url("http://127.0.0.1:9")
@@ -881,14 +875,7 @@ async fn a_refused_checkpoint_falls_back_to_a_206_and_runs_nothing_more() {
 
 #[tokio::test]
 async fn calls_that_must_not_checkpoint_answer_one_step_per_call() {
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let server = checkpoint_server(log.clone(), bodies.clone(), 0).await;
-    let c = Client::builder("app")
-        .dev(true)
-        .base_url(&server)
-        .build()
-        .unwrap();
+    let (log, bodies, c) = checkpoint_server(0).await;
     let off = c
         .function("off")
         .event("demo/off")
@@ -934,14 +921,7 @@ async fn calls_that_must_not_checkpoint_answer_one_step_per_call() {
 
 #[tokio::test]
 async fn a_call_past_its_checkpoint_runtime_answers_its_next_step_with_a_206() {
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let server = checkpoint_server(log.clone(), bodies.clone(), 0).await;
-    let c = Client::builder("app")
-        .dev(true)
-        .base_url(&server)
-        .build()
-        .unwrap();
+    let (log, bodies, c) = checkpoint_server(0).await;
     let slow = c
         .function("slow")
         .event("demo/slow")
@@ -973,4 +953,5 @@ async fn a_call_past_its_checkpoint_runtime_answers_its_next_step_with_a_206() {
         ["saved a"],
         "only `a` was checkpointed"
     );
+    assert_eq!(bodies.lock().unwrap().len(), 1, "`b` was not even tried");
 }

@@ -4,6 +4,7 @@
 
 mod common;
 mod pg_support;
+mod rust_app;
 
 use cairn_server::store::postgres::statements_sent;
 use common::{FakeApp, FakeFn, Step};
@@ -28,20 +29,7 @@ async fn statements_per_step_on_the_hot_path() {
     // Warm up: prepared statements and pooled connections.
     ts.run_to_end(json!({"name": "test/long"})).await;
 
-    let before = statements_sent();
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
-        let ids = ts.send(json!({"name": "test/long"})).await;
-        runs.push(ids[0].clone());
-    }
-    for ev in &runs {
-        let run = ts.runs_of(ev, 1).await[0]["run_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        assert_eq!(ts.finished(&run).await["status"], "Completed");
-    }
-    let spent = statements_sent() - before;
+    let spent = statements_for_runs(&ts, "test/long", RUNS).await;
     // Each step is one SDK call, and costs two statements: reading the run, its memos and
     // the wait starting point before the call (`call_state`), and applying the answer while
     // leasing the next call (`apply_and_continue`). Counted against the steps as well: each
@@ -57,19 +45,7 @@ async fn statements_per_step_on_the_hot_path() {
     let url = checkpointing_app(&ts.base, &ids).await;
     ts.server.sync_url(&url).await.expect("sync the SDK app");
     ts.run_to_end(json!({"name": "test/ck"})).await;
-    let before = statements_sent();
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
-        runs.push(ts.send(json!({"name": "test/ck"})).await[0].clone());
-    }
-    for ev in &runs {
-        let run = ts.runs_of(ev, 1).await[0]["run_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        assert_eq!(ts.finished(&run).await["status"], "Completed");
-    }
-    let spent = statements_sent() - before;
+    let spent = statements_for_runs(&ts, "test/ck", RUNS).await;
     let per_step = spent as f64 / (RUNS * STEPS) as f64;
     eprintln!("checkpointing: {spent} statements for {RUNS} runs of {STEPS} steps: {per_step:.2} per step");
     // Measured at 2.4: one per checkpoint, plus the run's own statements and this test's
@@ -83,30 +59,39 @@ async fn statements_per_step_on_the_hot_path() {
     finish(ts, schema).await;
 }
 
+/// Statements sent while `runs` runs of `event` are started at once and all complete.
+async fn statements_for_runs(ts: &common::TestServer, event: &str, runs: usize) -> u64 {
+    let before = statements_sent();
+    let mut events = Vec::new();
+    for _ in 0..runs {
+        events.push(ts.send(json!({ "name": event })).await[0].clone());
+    }
+    for ev in &events {
+        let run = ts.runs_of(ev, 1).await[0]["run_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(ts.finished(&run).await["status"], "Completed");
+    }
+    statements_sent() - before
+}
+
 /// A Rust SDK app whose `ck` function runs one `step.run` per id in `ids`.
 async fn checkpointing_app(server_base: &str, ids: &[&'static str]) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
-    let client = cairn_sdk::Client::builder("ckapp")
-        .dev(true)
-        .base_url(server_base)
-        .serve_origin(origin.clone())
-        .serve_path("/api/inngest")
-        .build()
-        .unwrap();
     let ids = ids.to_vec();
-    let f = client.function("ck").event("test/ck").handler(
-        move |ctx: cairn_sdk::Ctx<serde_json::Value>| {
-            let ids = ids.clone();
-            async move {
-                for id in ids {
-                    let _: u32 = ctx.step().run(id, || async { Ok(1) }).await?;
+    rust_app::serve_rust_app("ckapp", server_base, move |client| {
+        let f = client.function("ck").event("test/ck").handler(
+            move |ctx: cairn_sdk::Ctx<serde_json::Value>| {
+                let ids = ids.clone();
+                async move {
+                    for id in ids {
+                        let _: u32 = ctx.step().run(id, || async { Ok(1) }).await?;
+                    }
+                    Ok(json!(true))
                 }
-                Ok(json!(true))
-            }
-        },
-    );
-    let app = axum::Router::new().nest_service("/api/inngest", cairn_sdk::serve(client, [f]));
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("{origin}/api/inngest")
+            },
+        );
+        axum::Router::new().nest_service("/api/inngest", cairn_sdk::serve(client, [f]))
+    })
+    .await
 }

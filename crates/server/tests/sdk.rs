@@ -2,6 +2,7 @@
 //! every step tool, end to end over HTTP.
 
 mod common;
+mod rust_app;
 
 use cairn_sdk::{Client, Ctx, Event, Wait};
 use common::TestServer;
@@ -37,15 +38,10 @@ fn calls(slug: &str) -> usize {
 }
 
 async fn serve_sdk_app(server_base: &str) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
-    let client = Client::builder("sdkapp")
-        .dev(true)
-        .base_url(server_base)
-        .serve_origin(origin.clone())
-        .serve_path("/api/inngest")
-        .build()
-        .unwrap();
+    rust_app::serve_rust_app("sdkapp", server_base, app).await
+}
+
+fn app(client: Client) -> axum::Router {
     let founding = client
         .function("seed-cron")
         .cron("0 * * * *")
@@ -122,14 +118,12 @@ async fn serve_sdk_app(server_base: &str) -> String {
                     .await?;
                 Ok(json!(c))
             });
-    let app = axum::Router::new()
+    axum::Router::new()
         .nest_service(
             "/api/inngest",
             cairn_sdk::serve(client, [founding, child, tools, classic, counted]),
         )
-        .layer(axum::middleware::from_fn(count_calls));
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("{origin}/api/inngest")
+        .layer(axum::middleware::from_fn(count_calls))
 }
 
 #[tokio::test]
