@@ -43,6 +43,39 @@ def wait_until(pred, timeout: float, interval: float = 0.1, what: str = "conditi
         time.sleep(interval)
 
 
+def owns_listener(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the socket listening on `port` (Linux /proc).
+
+    free_port() can hand two parallel cases the same port: the loser's bind fails, but until
+    it exits, the winner's answers on that port look like its own. So a child is up only once
+    the listening socket is one of its file descriptors."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            local, state, inode = cols[1], cols[3], cols[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{inode}]")
+    if not inodes:
+        return False
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        fds = list(fd_dir.iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) in inodes:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 class PortClash(Exception):
     """A child could not bind its port (taken between free_port() and its bind)."""
 
@@ -121,6 +154,8 @@ class App:
                 if port_clash(tail):
                     raise PortClash(tail)
                 raise AssertionError(f"{self.sdk} app exited early:\n{tail}")
+            if not owns_listener(self.proc.p.pid, self.port):
+                return False
             return httpx.get(self.origin + "/counters", timeout=2).status_code == 200
 
         wait_until(up, 30, what=f"{self.sdk} fixture app to listen")
@@ -232,6 +267,8 @@ class Cairn:
                     if port_clash(tail):
                         raise PortClash(tail)
                     raise AssertionError(f"cairn exited early ({argv}):\n{tail}")
+                if not owns_listener(self.proc.p.pid, self.port):
+                    return False
                 httpx.get(self.url + "/", timeout=2)
                 return True
 
