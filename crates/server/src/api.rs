@@ -582,27 +582,69 @@ async fn get_run(State(engine): S, Path(id): Path<String>, Query(q): Query<RunQu
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_RUN_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     let waiter = (!wait.is_zero()).then(|| engine.run_waiters.register(&id));
+    // Watched (see `Store::watch_run`) once found running: from then on its end wakes the
+    // waiter wherever it is committed.
+    let mut watched = false;
     loop {
         let woken = waiter.as_ref().map(|w| w.notified());
         tokio::pin!(woken);
-        if let Some(w) = woken.as_mut().as_pin_mut() {
-            w.enable();
-        }
-        let run = match engine.store.get_run(&id).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return err(StatusCode::NOT_FOUND, "run not found"),
-            Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        let Some(w) = woken.as_mut().as_pin_mut() else {
+            return run_response(&engine, &id).await;
         };
-        let now = tokio::time::Instant::now();
-        if run.status != RunStatus::Running || waiter.is_none() || now >= deadline {
-            return wrap(run_json(&run));
+        w.enable();
+        if !watched {
+            match engine.store.watch_run(&id).await {
+                Ok(true) => watched = true,
+                // Ended, or no such run: the read says which.
+                Ok(false) => return run_response(&engine, &id).await,
+                Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        } else {
+            match run_answer(&engine, &id).await {
+                Ok(run)
+                    if run.status != RunStatus::Running
+                        || tokio::time::Instant::now() >= deadline =>
+                {
+                    return wrap(run_json(&run))
+                }
+                Ok(_) => {}
+                Err(r) => return r,
+            }
         }
-        // Ends nobody announces (see `recheck_every`) wake nobody: re-check now and then.
-        let recheck = (deadline - now).min(engine.run_waiters.recheck_every());
-        tokio::select! {
-            _ = async { if let Some(w) = woken.as_mut().as_pin_mut() { w.await } } => {}
-            _ = tokio::time::sleep(recheck) => {}
-        }
+        wait_for_end(&engine, woken.as_pin_mut(), deadline).await;
+    }
+}
+
+/// The answer for the run as it is now.
+async fn run_response(engine: &Engine, id: &str) -> Response {
+    match run_answer(engine, id).await {
+        Ok(run) => wrap(run_json(&run)),
+        Err(r) => r,
+    }
+}
+
+/// The run, or the answer to give when it cannot be read.
+async fn run_answer(engine: &Engine, id: &str) -> Result<crate::store::Run, Response> {
+    match engine.store.get_run(id).await {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(err(StatusCode::NOT_FOUND, "run not found")),
+        Err(e) => Err(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+/// Until `woken` (a waiter's end announcement) fires, the deadline passes, or it is time to
+/// re-read the run anyway: ends nobody announces (see `recheck_every`) wake nobody.
+async fn wait_for_end(
+    engine: &Engine,
+    woken: Option<std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>>,
+    deadline: tokio::time::Instant,
+) {
+    let recheck = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .min(engine.run_waiters.recheck_every());
+    tokio::select! {
+        _ = async { if let Some(w) = woken { w.await } } => {}
+        _ = tokio::time::sleep(recheck) => {}
     }
 }
 
@@ -777,20 +819,27 @@ async fn event_runs(
                 return wrap(Value::Array(runs.iter().map(run_json).collect()));
             };
             if waiter.as_ref().map(|(id, _)| id) == Some(&running.run_id) {
-                let recheck = (deadline - now).min(engine.run_waiters.recheck_every());
-                tokio::select! {
-                    _ = async { if let Some(w) = woken.as_mut().as_pin_mut() { w.await } } => {}
-                    _ = tokio::time::sleep(recheck) => {}
-                }
+                wait_for_end(&engine, woken.as_pin_mut(), deadline).await;
                 None
             } else {
-                // Not registered when it was read: register, then read again, so an end
-                // between the two is not missed.
                 Some(running.run_id.clone())
             }
         };
         if let Some(run_id) = next {
+            // Not registered when it was read: register, then watch it (which tells whether
+            // it is still running), so an end between the read and the watch is not missed.
             let w = engine.run_waiters.register(&run_id);
+            {
+                let woken = w.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                match engine.store.watch_run(&run_id).await {
+                    Ok(true) => wait_for_end(&engine, Some(woken), deadline).await,
+                    // Ended in between: read the runs again.
+                    Ok(false) => {}
+                    Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
+            }
             waiter = Some((run_id, w));
         }
     }

@@ -126,6 +126,7 @@ both_backends!(
     cancel_rules_see_only_events_after_the_trigger,
     flow_control_admission,
     events_applied_with_a_result_skip_the_matcher_unless_one_of_their_name_waits,
+    watching_a_run_tells_whether_it_still_runs,
 );
 
 /// Lifecycle events applied in the commit of a result (finalisation's): stored processed with
@@ -1106,5 +1107,88 @@ async fn pg_cancel_event_matched_elsewhere_before_its_run_existed_still_cancels(
         RunStatus::Running,
         "cancelled by an event from before its trigger"
     );
+    db.cleanup().await;
+}
+
+/// `watch_run` answers true only for a run still running; an ended or unknown run gets false
+/// (the waiter then reads the run instead of waiting).
+async fn watching_a_run_tells_whether_it_still_runs(db: &Db) {
+    let store = db.open().await;
+    let run = make_run(&*store, "RUNW").await;
+    assert!(store.watch_run(&run).await.unwrap());
+    assert!(store.watch_run(&run).await.unwrap(), "watched twice");
+    assert!(store.cancel_run(&run, 9).await.unwrap());
+    assert!(!store.watch_run(&run).await.unwrap());
+    assert!(!store.watch_run("no-such-run").await.unwrap());
+}
+
+/// Unique run ids: the notification channel is shared by every schema of the database.
+async fn make_unique_runs(store: &dyn Store, n: usize) -> Vec<String> {
+    store.insert_events(vec![ev("t/watched")]).await.unwrap();
+    let stored = store.unprocessed_events(1).await.unwrap().remove(0);
+    let runs: Vec<NewRun> = (0..n)
+        .map(|_| new_run(&stored, &ulid::Ulid::new().to_string(), RunFlow::default()))
+        .collect();
+    let ids = runs.iter().map(|r| r.run_id.clone()).collect();
+    store
+        .apply_event(stored, runs, vec![], matcher(), 1)
+        .await
+        .unwrap();
+    ids
+}
+
+/// A run's end reaches another node's feed only when some node other than the one whose
+/// executor ended it watches the run (that executor tells its own waiters), or when it was
+/// cancelled, which no executor announces. Every other end would wake every listening
+/// node for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_only_ends_watched_elsewhere_are_announced() {
+    use std::time::Duration;
+    let db = Db::pg();
+    let Db::Pg(schema) = &db else { unreachable!() };
+    let (a, b) = (pg_open(schema).await, pg_open(schema).await);
+    let mut feed = b.run_ends().expect("a shared store has a feed");
+    async fn next(feed: &mut tokio::sync::broadcast::Receiver<RunEnd>) -> RunEnd {
+        tokio::time::timeout(Duration::from_secs(10), feed.recv())
+            .await
+            .expect("nothing on the feed within 10 s")
+            .unwrap()
+    }
+    assert_eq!(next(&mut feed).await, RunEnd::Announcing);
+    let runs = make_unique_runs(&a, 6).await;
+    let ended_by_a = |run: &str| Apply {
+        run_id: run.to_string(),
+        finish: Some(Finish {
+            status: RunStatus::Completed,
+            output: json!(null),
+        }),
+        ..Default::default()
+    };
+    // 0: watched by B; 1: by A only; 2: by nobody; 3: by both; all ended by A's executor.
+    assert!(b.watch_run(&runs[0]).await.unwrap());
+    assert!(a.watch_run(&runs[1]).await.unwrap());
+    assert!(a.watch_run(&runs[3]).await.unwrap());
+    assert!(b.watch_run(&runs[3]).await.unwrap());
+    for run in &runs[..4] {
+        a.apply(ended_by_a(run), matcher(), 5).await.unwrap();
+    }
+    // 4: watched by A, cancelled on A (the API does not announce it to A's own waiters).
+    assert!(a.watch_run(&runs[4]).await.unwrap());
+    assert!(a.cancel_run(&runs[4], 6).await.unwrap());
+    // 5: the last, watched by B: notifications arrive in commit order, so once it is here
+    // every earlier one is too.
+    assert!(b.watch_run(&runs[5]).await.unwrap());
+    a.apply(ended_by_a(&runs[5]), matcher(), 7).await.unwrap();
+    let mut heard = Vec::new();
+    while heard.last() != Some(&runs[5]) {
+        if let RunEnd::Ended(id) = next(&mut feed).await {
+            if runs.contains(&id) {
+                heard.push(id);
+            }
+        }
+    }
+    let expected: Vec<String> = [0, 3, 4, 5].iter().map(|&i| runs[i].clone()).collect();
+    assert_eq!(heard, expected);
+    drop((a, b, feed));
     db.cleanup().await;
 }

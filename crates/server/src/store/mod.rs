@@ -836,7 +836,9 @@ pub trait Store: Send + Sync + 'static {
             high_water,
         }))
     }
-    /// Apply the results of handling a queue item. See [`Apply`].
+    /// Apply the results of handling a queue item. See [`Apply`]. When it ends the run, the
+    /// caller tells this process's waiters itself: the [`Store::run_ends`] feed of a shared
+    /// store carries that end only to the other processes that [watch](Store::watch_run) it.
     async fn apply(
         &self,
         apply: Apply,
@@ -860,14 +862,28 @@ pub trait Store: Send + Sync + 'static {
         self.apply(apply, matcher, now).await?;
         Ok((None, Left::ALL))
     }
-    /// Cancel a running run (API). Returns false if it was not running.
+    /// Cancel a running run (API). Returns false if it was not running. Its end is announced
+    /// on the [`Store::run_ends`] feed to every process watching the run, this one included.
     async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool>;
     /// Runs as they end ([`RunEnd`]), whichever process sharing the store ended them, so that a
-    /// `wait_ms` request held by this node hears of an end committed by another. `None` for
-    /// a backend one process owns (its executor reports every end itself). The channel is
-    /// bounded: a receiver that falls behind loses ids, and waiters fall back to re-reading.
+    /// `wait_ms` request held by this node hears of an end committed by another. Only ends of
+    /// runs this process [watches](Store::watch_run) are announced, and of those not the ones
+    /// this process's executor committed (it tells its waiters itself). `None` for a backend
+    /// one process owns (its executor reports every end itself). The channel is bounded: a
+    /// receiver that falls behind loses ids, and waiters fall back to re-reading.
     fn run_ends(&self) -> Option<tokio::sync::broadcast::Receiver<RunEnd>> {
         None
+    }
+    /// Ask for the run's end to be announced on this process's [`Store::run_ends`] feed,
+    /// whichever process ends it. True when the run is still running (so the announcement is
+    /// to come); false when it has ended or does not exist. A `wait_ms` request calls this
+    /// after registering its waiter, in place of re-reading the run: an end committed before
+    /// the watch is seen by it, one committed after is announced.
+    ///
+    /// Announcing only watched ends keeps a shared store from waking every node for every
+    /// run that ends. The default, for a backend one process owns, only reads the run.
+    async fn watch_run(&self, run_id: &str) -> StoreResult<bool> {
+        Ok(matches!(self.get_run(run_id).await?, Some(r) if r.status == RunStatus::Running))
     }
 
     /// Lease up to `limit` due items to `owner` until `lease_until`.

@@ -10,7 +10,7 @@
 
 use super::{
     event_lock, exec, finish_run, insert_event, insert_item, insert_pause, item_kind, j, lock,
-    lock_all, lock_run, query, query_opt, resume_pause, row_event, EVENT_COLS, R,
+    lock_all, lock_run, query, query_opt, resume_pause, row_event, Announce, EVENT_COLS, R,
 };
 use crate::store::{
     skipped_invoke_event, start_item_id, Finish, Hold, NewItem, NewRun, Pause, PauseMatcher,
@@ -229,6 +229,7 @@ async fn admit<C: GenericClient>(
                     },
                     now,
                     true,
+                    Announce::Everywhere,
                 )
                 .await?;
             }

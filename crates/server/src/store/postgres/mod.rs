@@ -28,7 +28,9 @@
 //! out across tables, roll the transaction back and run it again.
 
 use super::*;
-use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    GenericClient, Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime,
+};
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -37,10 +39,10 @@ use tokio_postgres::Row;
 mod flow;
 
 /// Schema version this build writes, stored in the `schema_version` table.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Schema steps: `MIGRATIONS[v]` takes a version-`v` database to version `v + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
 
 /// Version 2: unapplied events by name, for the check that an event applied in the commit
 /// that stores it does not overtake an older one of its name (`events_name` would walk the
@@ -51,6 +53,13 @@ const SCHEMA_V2: &str = "CREATE INDEX events_unprocessed_name ON events(name) WH
 /// [`canonicalise_live_memos`] rewrites those of runs still going, the only ones that will
 /// be sent to an SDK again.
 const SCHEMA_V3: &str = "";
+
+/// Version 4: which node waits for a run's end (see [`Store::watch_run`]), so that only the
+/// ends somebody elsewhere waits for are announced to the other nodes.
+const SCHEMA_V4: &str = "ALTER TABLE runs ADD COLUMN IF NOT EXISTS watched_by TEXT;";
+
+/// [`SCHEMA_V4`]'s `watched_by` when more than one node watches: never a node's id.
+const WATCHED_BY_SEVERAL: &str = "*";
 
 /// Rewrites, as canonical JSON, the memos of running runs written before version 3, so that
 /// the call requests they are spliced into stay canonical (the bytes that get signed).
@@ -174,6 +183,8 @@ impl Default for PgOptions {
 /// PostgreSQL-backed store. Cheap to share behind an `Arc`; see the module docs.
 pub struct PostgresStore {
     pool: Pool,
+    /// This process among the nodes sharing the database, for [`Store::watch_run`].
+    node: String,
     /// When this process last re-checked parked queue items, unix ms.
     last_repair: std::sync::atomic::AtomicI64,
     /// Where the `LISTEN` connection for [`Store::run_ends`] goes (the pool's settings).
@@ -713,6 +724,16 @@ async fn lock_run<C: GenericClient>(c: &C, run_id: &str) -> R<Option<Run>> {
     .map(|r| row_run(&r)))
 }
 
+/// Who tells a node's waiters that a run ended, when [`finish_run`] ends it.
+#[derive(Clone, Copy)]
+enum Announce<'a> {
+    /// The calling process does, for its own waiters (its executor): the notification goes
+    /// out only if another node, not this one (`node`), watches the run.
+    ElsewhereThan(&'a str),
+    /// The notification goes out if anybody watches the run.
+    Everywhere,
+}
+
 /// Ends a running run, clearing its queue and pauses and, with `finalize`, queueing
 /// finalisation (without, the caller applies the run's lifecycle events itself).
 async fn finish_run<C: GenericClient>(
@@ -721,29 +742,40 @@ async fn finish_run<C: GenericClient>(
     finish: &Finish,
     now: i64,
     finalize: bool,
+    announce: Announce<'_>,
 ) -> R<bool> {
-    let n = exec(
+    // Reads `watched_by` as of the end: a watch committed first is seen here, one that comes
+    // later waits for this row's lock and then finds the run ended (`PostgresStore::watch`).
+    let Some(row) = query_opt(
         c,
         "UPDATE runs SET status=$1, output=$2, ended_at=$3, pending='[]'
-         WHERE run_id=$4 AND status='Running'",
+         WHERE run_id=$4 AND status='Running' RETURNING watched_by",
         &[&finish.status.as_str(), &j(&finish.output), &now, &run_id],
     )
-    .await?;
-    if n == 0 {
+    .await?
+    else {
         return Ok(false);
-    }
+    };
+    let watched_by: Option<String> = row.get(0);
+    // A notification wakes every listening node and its database backend, and all
+    // notifying commits of the database queue on one lock: only send the ones awaited.
+    let notify = match (watched_by.as_deref(), announce) {
+        (None, _) => false,
+        (Some(w), Announce::ElsewhereThan(node)) => w != node,
+        (Some(_), Announce::Everywhere) => true,
+    };
     let held = flow::run_keys(c, run_id, now).await?;
     // Everything the run still owns goes in one round trip (data-modifying CTEs run whether
-    // or not the outer query reads them), and the end is announced: the notification is
-    // delivered at commit to every node, so a `wait_ms` request held elsewhere returns now.
+    // or not the outer query reads them), and the end is announced if anybody waits for it
+    // elsewhere: the notification is delivered at commit.
     exec(
         c,
         "WITH q AS (DELETE FROM queue WHERE run_id=$1),
               d AS (DELETE FROM debounces WHERE run_id=$1),
               b AS (DELETE FROM batches WHERE run_id=$1),
               p AS (DELETE FROM pauses WHERE run_id=$1)
-         SELECT pg_notify($2, $1)",
-        &[&run_id, &RUN_ENDED],
+         SELECT pg_notify($2, $1) WHERE $3",
+        &[&run_id, &RUN_ENDED, &notify],
     )
     .await?;
     flow::free_all(c, &held).await?;
@@ -814,6 +846,7 @@ async fn resume_pause<C: GenericClient>(c: &C, pause: &Pause, event: &Value, now
                 },
                 now,
                 true,
+                Announce::Everywhere,
             )
             .await?;
         }
@@ -886,6 +919,7 @@ async fn apply_inner<C: GenericClient>(
     a: &Apply,
     matcher: &dyn PauseMatcher,
     now: i64,
+    node: &str,
 ) -> R<Left> {
     let mut left = Left::default();
     // Event-name locks first (the order apply_event takes them in), then rows.
@@ -1012,7 +1046,9 @@ async fn apply_inner<C: GenericClient>(
     }
     if running {
         if let Some(f) = &a.finish {
-            let ended = finish_run(c, &a.run_id, f, now, a.lifecycle.is_none()).await?;
+            // The caller announces its own end (`Store::apply`).
+            let announce = Announce::ElsewhereThan(node);
+            let ended = finish_run(c, &a.run_id, f, now, a.lifecycle.is_none(), announce).await?;
             if let (true, Some(events)) = (ended, &a.lifecycle) {
                 apply_lifecycle(c, events, matcher, now, &mut left).await?;
             }
@@ -1373,6 +1409,11 @@ impl PostgresStore {
         );
         let pool = Pool::builder(mgr)
             .max_size(opts.pool_size.max(1))
+            // The most recently used connection first: the same few backends serve the
+            // load while the rest of the pool stays idle, so their caches (and the machine's)
+            // stay warm. First-in-first-out would cycle every statement through every
+            // backend of every node.
+            .queue_mode(QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .create_timeout(Some(Duration::from_secs(15)))
             .wait_timeout(Some(Duration::from_secs(60)))
@@ -1456,6 +1497,7 @@ impl PostgresStore {
         drop(client);
         Ok(PostgresStore {
             pool,
+            node: ulid::Ulid::new().to_string(),
             last_repair: Default::default(),
             listen_cfg,
             ends: Default::default(),
@@ -1846,9 +1888,15 @@ impl Store for PostgresStore {
                 Err(e) => return Err(e.into()),
             }
         }
-        in_tx!(self, |tx| apply_inner(&tx, &apply, matcher.as_ref(), now)
-            .await
-            .map(|_| ()))
+        in_tx!(self, |tx| apply_inner(
+            &tx,
+            &apply,
+            matcher.as_ref(),
+            now,
+            &self.node
+        )
+        .await
+        .map(|_| ()))
     }
 
     async fn apply_and_continue(
@@ -1873,7 +1921,7 @@ impl Store for PostgresStore {
             }
         }
         in_tx!(self, |tx| {
-            let left = apply_inner(&tx, &apply, matcher.as_ref(), now).await?;
+            let left = apply_inner(&tx, &apply, matcher.as_ref(), now, &self.node).await?;
             let next = lease_next(&tx, &apply.run_id, owner, now, lease_until).await?;
             Ok((next, left))
         })
@@ -1901,6 +1949,22 @@ impl Store for PostgresStore {
         Some(rx)
     }
 
+    async fn watch_run(&self, run_id: &str) -> StoreResult<bool> {
+        // One statement: the row lock orders it against the run's end (`finish_run`), so
+        // either the end sees this node's mark or this finds the run no longer running.
+        // A second node watching turns the mark into one no node's own end skips.
+        let c = self.client().await?;
+        Ok(query_opt(
+            &c,
+            "UPDATE runs SET watched_by = CASE WHEN watched_by IS NULL OR watched_by = $2
+                                               THEN $2 ELSE $3 END
+             WHERE run_id=$1 AND status='Running' RETURNING 1",
+            &[&run_id, &self.node, &WATCHED_BY_SEVERAL],
+        )
+        .await?
+        .is_some())
+    }
+
     async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool> {
         let finish = Finish {
             status: RunStatus::Cancelled,
@@ -1908,7 +1972,7 @@ impl Store for PostgresStore {
         };
         in_tx!(self, |tx| {
             lock_run(&tx, run_id).await?;
-            finish_run(&tx, run_id, &finish, now, true).await
+            finish_run(&tx, run_id, &finish, now, true, Announce::Everywhere).await
         })
     }
 
