@@ -1424,12 +1424,13 @@ fn counter_sum(metrics: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// (statements sent to PostgreSQL, SDK calls made) summed over the stack's nodes.
-async fn db_counters(stack: &Stack) -> Result<(f64, f64)> {
+/// (statements sent to PostgreSQL, SDK calls made, run ends announced to other nodes)
+/// summed over the stack's nodes.
+async fn db_counters(stack: &Stack) -> Result<(f64, f64, f64)> {
     let systems::Driver::Cairn { bases, .. } = &stack.driver else {
         bail!("not a Cairn stack");
     };
-    let (mut statements, mut calls) = (0.0, 0.0);
+    let (mut statements, mut calls, mut announced) = (0.0, 0.0, 0.0);
     for base in bases {
         let text = stack
             .http
@@ -1440,8 +1441,9 @@ async fn db_counters(stack: &Stack) -> Result<(f64, f64)> {
             .await?;
         statements += counter_sum(&text, "cairn_db_statements_total");
         calls += counter_sum(&text, "cairn_sdk_calls_total");
+        announced += counter_sum(&text, "cairn_run_end_announcements_total");
     }
-    Ok((statements, calls))
+    Ok((statements, calls, announced))
 }
 
 async fn pg_admin(url: &str) -> Result<tokio_postgres::Client> {
@@ -1474,6 +1476,8 @@ struct NodesPhase {
     statements_per_run: f64,
     statements_per_call: f64,
     calls_per_run: f64,
+    /// Run ends announced to the other nodes (`NOTIFY`), per run.
+    announcements_per_run: f64,
 }
 
 async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
@@ -1528,13 +1532,13 @@ async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
                     bases.truncate(1);
                 }
                 let res = async {
-                    let (s0, c0) = db_counters(&stack).await?;
+                    let (s0, c0, a0) = db_counters(&stack).await?;
                     let pg0 = procs::cpu_of_all("postgres");
                     let r =
                         measure(&mut stack, &format!("{k} node(s)"), 1024, c, n, budget).await?;
                     let pg1 = procs::cpu_of_all("postgres");
-                    let (s1, c1) = db_counters(&stack).await?;
-                    Ok::<_, anyhow::Error>((r, s1 - s0, c1 - c0, pg1 - pg0))
+                    let (s1, c1, a1) = db_counters(&stack).await?;
+                    Ok::<_, anyhow::Error>((r, s1 - s0, c1 - c0, a1 - a0, pg1 - pg0))
                 }
                 .await;
                 stack.stop();
@@ -1544,7 +1548,7 @@ async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
             admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
                 .await?;
-            let (r, statements, calls, pg_cpu) = res?;
+            let (r, statements, calls, announced, pg_cpu) = res?;
             // The counters bracket `measure`'s warm-up too; count its runs in.
             let counted = (r.runs_ok + warmup_runs(n, c)) as f64;
             let server_cpu: f64 = r
@@ -1561,15 +1565,17 @@ async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
                 statements_per_run: statements / counted,
                 statements_per_call: statements / calls.max(1.0),
                 calls_per_run: calls / counted,
+                announcements_per_run: announced / counted,
                 result: r,
             };
             eprintln!(
-                "    {:.1} runs/s, p50 {:.1} ms, server CPU {:.2} s/1k runs, PostgreSQL CPU {:.2} s/1k runs, {:.2} statements per call, errors {}",
+                "    {:.1} runs/s, p50 {:.1} ms, server CPU {:.2} s/1k runs, PostgreSQL CPU {:.2} s/1k runs, {:.2} statements per call, {:.2} ends announced per run, errors {}",
                 phase.result.runs_per_s,
                 phase.result.latency_ms.p50,
                 phase.server_cpu_s_per_1000_runs,
                 phase.postgres_cpu_s_per_1000_runs,
                 phase.statements_per_call,
+                phase.announcements_per_run,
                 phase.result.errors
             );
             phases.push(phase);
@@ -1584,10 +1590,10 @@ async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
             "run i sent to node i mod k and awaited there"
         }
     ));
-    md.push_str("| round | nodes | runs/s | p50 ms | p99 ms | server CPU-s /1k runs (all nodes) | PostgreSQL CPU-s /1k runs | app CPU-s /1k runs | statements / run | statements / SDK call | ok / errors |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("| round | nodes | runs/s | p50 ms | p99 ms | server CPU-s /1k runs (all nodes) | PostgreSQL CPU-s /1k runs | app CPU-s /1k runs | statements / run | statements / SDK call | run ends announced / run | ok / errors |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for p in &phases {
         md.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {} / {} |\n",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} | {} / {} |\n",
             p.round,
             p.nodes,
             p.result.runs_per_s,
@@ -1598,6 +1604,7 @@ async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
             p.result.app().map_or(f64::NAN, |x| x.cpu_s_per_1000_runs),
             p.statements_per_run,
             p.statements_per_call,
+            p.announcements_per_run,
             p.result.runs_ok,
             p.result.errors
         ));

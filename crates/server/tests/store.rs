@@ -127,6 +127,7 @@ both_backends!(
     flow_control_admission,
     events_applied_with_a_result_skip_the_matcher_unless_one_of_their_name_waits,
     watching_a_run_tells_whether_it_still_runs,
+    a_run_that_ends_frees_its_run_slot_at_once,
 );
 
 /// Lifecycle events applied in the commit of a result (finalisation's): stored processed with
@@ -1191,4 +1192,39 @@ async fn pg_only_ends_watched_elsewhere_are_announced() {
     assert_eq!(heard, expected);
     drop((a, b, feed));
     db.cleanup().await;
+}
+
+/// A run holding the only slot of its function's run concurrency hands it to the waiting
+/// run in the commit that ends it: the next claim starts that run, with no repair pass.
+async fn a_run_that_ends_frees_its_run_slot_at_once(db: &Db) {
+    let store = db.open().await;
+    let flow = RunFlow {
+        run_slot: Some(Slot {
+            key: "run:f:one".into(),
+            limit: 1,
+        }),
+        ..Default::default()
+    };
+    let runs = make_runs(&*store, 2, flow).await;
+    let first = store.claim("A", 10, 100_000, 10).await.unwrap();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(store.claim("A", 11, 100_000, 10).await.unwrap().is_empty());
+    let end = Apply {
+        run_id: first[0].run_id.clone(),
+        item: Some((first[0].id.clone(), "A".into())),
+        finish: Some(Finish {
+            status: RunStatus::Completed,
+            output: json!(null),
+        }),
+        lifecycle: Some(vec![]),
+        ..Default::default()
+    };
+    store.apply(end, matcher(), 12).await.unwrap();
+    let next = store.claim("A", 13, 100_000, 10).await.unwrap();
+    let other = runs.iter().find(|r| **r != first[0].run_id).unwrap();
+    assert_eq!(
+        next.iter().map(|i| &i.run_id).collect::<Vec<_>>(),
+        [other],
+        "the freed slot did not start the waiting run"
+    );
 }

@@ -481,31 +481,6 @@ pub(super) async fn item_keys<C: GenericClient>(c: &C, id: &str) -> R<Vec<String
         .unwrap_or_default())
 }
 
-/// Keys a run holds right now (its leased calls' step keys and its run key), before the
-/// run ends and its items go.
-pub(super) async fn run_keys<C: GenericClient>(c: &C, run_id: &str, now: i64) -> R<Vec<String>> {
-    let mut keys: Vec<String> = Vec::new();
-    let rows = query(
-        c,
-        "SELECT ck1, ck2 FROM queue WHERE run_id=$1 AND lease_owner IS NOT NULL AND due_at>$2
-           AND (ck1 IS NOT NULL OR ck2 IS NOT NULL)",
-        &[&run_id, &now],
-    )
-    .await?;
-    for r in &rows {
-        keys.extend(r.get::<_, Option<String>>(0));
-        keys.extend(r.get::<_, Option<String>>(1));
-    }
-    let slot = query_opt(
-        c,
-        "SELECT run_slot FROM runs WHERE run_id=$1 AND started",
-        &[&run_id],
-    )
-    .await?;
-    keys.extend(slot.and_then(|r| r.get::<_, Option<String>>(0)));
-    Ok(keys)
-}
-
 /// A due item, its concurrency keys with limits, and its hold reason.
 type Candidate = (QueueItem, Vec<(String, i64)>, Option<String>);
 

@@ -746,10 +746,12 @@ async fn finish_run<C: GenericClient>(
 ) -> R<bool> {
     // Reads `watched_by` as of the end: a watch committed first is seen here, one that comes
     // later waits for this row's lock and then finds the run ended (`PostgresStore::watch`).
+    // Also reads the run's own concurrency slot, which it holds until now.
     let Some(row) = query_opt(
         c,
         "UPDATE runs SET status=$1, output=$2, ended_at=$3, pending='[]'
-         WHERE run_id=$4 AND status='Running' RETURNING watched_by",
+         WHERE run_id=$4 AND status='Running'
+         RETURNING watched_by, CASE WHEN started THEN run_slot END",
         &[&finish.status.as_str(), &j(&finish.output), &now, &run_id],
     )
     .await?
@@ -757,6 +759,7 @@ async fn finish_run<C: GenericClient>(
         return Ok(false);
     };
     let watched_by: Option<String> = row.get(0);
+    let mut held: Vec<String> = row.get::<_, Option<String>>(1).into_iter().collect();
     // A notification wakes every listening node and its database backend, and all
     // notifying commits of the database queue on one lock: only send the ones awaited.
     let notify = match (watched_by.as_deref(), announce) {
@@ -764,20 +767,31 @@ async fn finish_run<C: GenericClient>(
         (Some(w), Announce::ElsewhereThan(node)) => w != node,
         (Some(_), Announce::Everywhere) => true,
     };
-    let held = flow::run_keys(c, run_id, now).await?;
+    if notify {
+        // Counted when sent, so a transaction rolled back after this still counts.
+        metrics::counter!("cairn_run_end_announcements_total").increment(1);
+    }
     // Everything the run still owns goes in one round trip (data-modifying CTEs run whether
-    // or not the outer query reads them), and the end is announced if anybody waits for it
-    // elsewhere: the notification is delivered at commit.
-    exec(
+    // or not the outer query reads them), returning the step keys its running calls hold;
+    // and the end is announced if anybody waits for it elsewhere (the notification is
+    // delivered at commit; the gated branch yields no key).
+    let rows = query(
         c,
-        "WITH q AS (DELETE FROM queue WHERE run_id=$1),
+        "WITH q AS (DELETE FROM queue WHERE run_id=$1 RETURNING ck1, ck2, lease_owner, due_at),
               d AS (DELETE FROM debounces WHERE run_id=$1),
               b AS (DELETE FROM batches WHERE run_id=$1),
               p AS (DELETE FROM pauses WHERE run_id=$1)
-         SELECT pg_notify($2, $1) WHERE $3",
-        &[&run_id, &RUN_ENDED, &notify],
+         SELECT ck1, ck2 FROM q
+         WHERE lease_owner IS NOT NULL AND due_at > $4 AND (ck1 IS NOT NULL OR ck2 IS NOT NULL)
+         UNION ALL
+         SELECT NULL::text, NULL::text FROM (SELECT pg_notify($2, $1)) n WHERE $3",
+        &[&run_id, &RUN_ENDED, &notify, &now],
     )
     .await?;
+    for r in &rows {
+        held.extend(r.get::<_, Option<String>>(0));
+        held.extend(r.get::<_, Option<String>>(1));
+    }
     flow::free_all(c, &held).await?;
     if finalize {
         insert_item(c, &finalize_item(run_id, now)).await?;
@@ -1922,7 +1936,13 @@ impl Store for PostgresStore {
         }
         in_tx!(self, |tx| {
             let left = apply_inner(&tx, &apply, matcher.as_ref(), now, &self.node).await?;
-            let next = lease_next(&tx, &apply.run_id, owner, now, lease_until).await?;
+            // An end that brought its lifecycle events leaves the run no item (not even
+            // finalisation's): nothing to look for.
+            let ended = apply.finish.is_some() && apply.lifecycle.is_some();
+            let next = match ended {
+                true => None,
+                false => lease_next(&tx, &apply.run_id, owner, now, lease_until).await?,
+            };
             Ok((next, left))
         })
     }
