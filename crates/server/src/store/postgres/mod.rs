@@ -1972,12 +1972,16 @@ impl Store for PostgresStore {
     async fn watch_run(&self, run_id: &str) -> StoreResult<bool> {
         // One statement: the row lock orders it against the run's end (`finish_run`), so
         // either the end sees this node's mark or this finds the run no longer running.
-        // A second node watching turns the mark into one no node's own end skips.
+        // A second node watching turns the mark into one no node's own end skips. The mark
+        // needs no durability (a crash ends the wait that made it), so its commit does not
+        // wait for the disk, and the row's lock is not held through a flush the run's own
+        // writes would queue behind.
         let c = self.client().await?;
         Ok(query_opt(
             &c,
             "UPDATE runs SET watched_by = CASE WHEN watched_by IS NULL OR watched_by = $2
                                                THEN $2 ELSE $3 END
+             FROM (SELECT set_config('synchronous_commit', 'off', true)) async_commit
              WHERE run_id=$1 AND status='Running' RETURNING 1",
             &[&run_id, &self.node, &WATCHED_BY_SEVERAL],
         )
