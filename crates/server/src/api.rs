@@ -1,6 +1,8 @@
 //! HTTP edges: the Inngest-compatible event, sync and REST APIs.
 
-use crate::store::{AppRecord, FunctionRecord, MemoJson, NewEvent, Run, RunStatus, StoredEvent};
+use crate::store::{
+    AppRecord, FunctionRecord, MemoJson, NewEvent, Run, RunStatus, StoredEvent, Watch,
+};
 use crate::{Engine, Mode};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -593,10 +595,14 @@ async fn get_run(State(engine): S, Path(id): Path<String>, Query(q): Query<RunQu
         };
         w.enable();
         if !watched {
-            match engine.store.watch_run(&id).await {
-                Ok(true) => watched = true,
+            match engine.store.watch_run(&id, &engine.owner).await {
+                Ok(Watch::Watched) => watched = true,
+                // This process's worker wakes the waiter when it lets go of the run; then
+                // it watches again.
+                Ok(Watch::Here) if tokio::time::Instant::now() < deadline => {}
+                Ok(Watch::Here) => return run_response(&engine, &id).await,
                 // Ended, or no such run: the read says which.
-                Ok(false) => return run_response(&engine, &id).await,
+                Ok(Watch::Ended) => return run_response(&engine, &id).await,
                 Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         } else {
@@ -800,11 +806,12 @@ async fn event_runs(
     };
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_RUN_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
-    // The running run being waited for, registered before the read that found it running.
-    let mut waiter: Option<(String, crate::waiters::Waiter<'_>)> = None;
+    // The running run being waited for, registered before the read that found it running,
+    // and whether it is watched for good (not `Watch::Here`).
+    let mut waiter: Option<(String, crate::waiters::Waiter<'_>, bool)> = None;
     loop {
         let next = {
-            let woken = waiter.as_ref().map(|(_, w)| w.notified());
+            let woken = waiter.as_ref().map(|(_, w, _)| w.notified());
             tokio::pin!(woken);
             if let Some(w) = woken.as_mut().as_pin_mut() {
                 w.enable();
@@ -818,29 +825,38 @@ async fn event_runs(
             let Some(running) = running.filter(|_| !wait.is_zero() && now < deadline) else {
                 return wrap(Value::Array(runs.iter().map(run_json).collect()));
             };
-            if waiter.as_ref().map(|(id, _)| id) == Some(&running.run_id) {
-                wait_for_end(&engine, woken.as_pin_mut(), deadline).await;
-                None
-            } else {
-                Some(running.run_id.clone())
+            match &waiter {
+                Some((id, _, true)) if *id == running.run_id => {
+                    wait_for_end(&engine, woken.as_pin_mut(), deadline).await;
+                    None
+                }
+                _ => Some(running.run_id.clone()),
             }
         };
         if let Some(run_id) = next {
-            // Not registered when it was read: register, then watch it (which tells whether
-            // it is still running), so an end between the read and the watch is not missed.
-            let w = engine.run_waiters.register(&run_id);
-            {
-                let woken = w.notified();
-                tokio::pin!(woken);
-                woken.as_mut().enable();
-                match engine.store.watch_run(&run_id).await {
-                    Ok(true) => wait_for_end(&engine, Some(woken), deadline).await,
-                    // Ended in between: read the runs again.
-                    Ok(false) => {}
-                    Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-                }
+            // Not registered when it was read (or not watched for good): register, then
+            // watch it (which tells whether it is still running), so an end between the
+            // read and the watch is not missed.
+            if waiter.as_ref().map(|(id, _, _)| id) != Some(&run_id) {
+                let w = engine.run_waiters.register(&run_id);
+                waiter = Some((run_id.clone(), w, false));
             }
-            waiter = Some((run_id, w));
+            let Some((_, w, watched)) = waiter.as_mut() else {
+                continue;
+            };
+            let woken = w.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            match engine.store.watch_run(&run_id, &engine.owner).await {
+                Ok(Watch::Watched) => {
+                    *watched = true;
+                    wait_for_end(&engine, Some(woken), deadline).await;
+                }
+                Ok(Watch::Here) => wait_for_end(&engine, Some(woken), deadline).await,
+                // Ended in between: read the runs again.
+                Ok(Watch::Ended) => {}
+                Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
         }
     }
 }

@@ -82,12 +82,16 @@ impl Workers {
 /// next item comes back leased from the commit of this one's result.
 pub fn spawn(engine: Arc<Engine>, permit: OwnedSemaphorePermit, item: QueueItem) {
     tokio::spawn(async move {
+        let run_id = item.run_id.clone();
         let mut item = Some(item);
         while let Some(current) = item.take() {
             let _guard = InFlight::enter(&engine.workers.inflight, &current.id);
             let go_on = !*engine.shutdown.borrow();
             item = crate::executor::handle(engine.clone(), current, go_on).await;
         }
+        // The run ended here or left this process (a sleep, a wait, a retry, a lost
+        // lease): waiters that counted on this worker (`Watch::Here`) look again.
+        engine.run_waiters.ended(&run_id);
         drop(permit);
         engine.workers.freed(&engine.queue_wake);
     });

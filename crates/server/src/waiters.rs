@@ -47,7 +47,8 @@ impl RunWaiters {
         }
     }
 
-    /// The run ended: wake everyone waiting on it.
+    /// The run ended, or this process's worker let go of it: wake everyone waiting on it
+    /// to look again.
     pub fn ended(&self, run_id: &str) {
         if let Some((n, _)) = self.inner.lock().get(run_id) {
             n.notify_waiters();

@@ -1116,11 +1116,18 @@ async fn pg_cancel_event_matched_elsewhere_before_its_run_existed_still_cancels(
 async fn watching_a_run_tells_whether_it_still_runs(db: &Db) {
     let store = db.open().await;
     let run = make_run(&*store, "RUNW").await;
-    assert!(store.watch_run(&run).await.unwrap());
-    assert!(store.watch_run(&run).await.unwrap(), "watched twice");
+    assert_eq!(store.watch_run(&run, "B").await.unwrap(), Watch::Watched);
+    assert_eq!(
+        store.watch_run(&run, "B").await.unwrap(),
+        Watch::Watched,
+        "watched twice"
+    );
     assert!(store.cancel_run(&run, 9).await.unwrap());
-    assert!(!store.watch_run(&run).await.unwrap());
-    assert!(!store.watch_run("no-such-run").await.unwrap());
+    assert_eq!(store.watch_run(&run, "B").await.unwrap(), Watch::Ended);
+    assert_eq!(
+        store.watch_run("no-such-run", "B").await.unwrap(),
+        Watch::Ended
+    );
 }
 
 /// Unique run ids: the notification channel is shared by every schema of the database.
@@ -1166,19 +1173,19 @@ async fn pg_only_ends_watched_elsewhere_are_announced() {
         ..Default::default()
     };
     // 0: watched by B; 1: by A only; 2: by nobody; 3: by both; all ended by A's executor.
-    assert!(b.watch_run(&runs[0]).await.unwrap());
-    assert!(a.watch_run(&runs[1]).await.unwrap());
-    assert!(a.watch_run(&runs[3]).await.unwrap());
-    assert!(b.watch_run(&runs[3]).await.unwrap());
+    assert!(b.watch_run(&runs[0], "B").await.unwrap() == Watch::Watched);
+    assert!(a.watch_run(&runs[1], "A").await.unwrap() == Watch::Watched);
+    assert!(a.watch_run(&runs[3], "X").await.unwrap() == Watch::Watched);
+    assert!(b.watch_run(&runs[3], "X").await.unwrap() == Watch::Watched);
     for run in &runs[..4] {
         a.apply(ended_by_a(run), matcher(), 5).await.unwrap();
     }
     // 4: watched by A, cancelled on A (the API does not announce it to A's own waiters).
-    assert!(a.watch_run(&runs[4]).await.unwrap());
+    assert!(a.watch_run(&runs[4], "A").await.unwrap() == Watch::Watched);
     assert!(a.cancel_run(&runs[4], 6).await.unwrap());
     // 5: the last, watched by B: notifications arrive in commit order, so once it is here
     // every earlier one is too.
-    assert!(b.watch_run(&runs[5]).await.unwrap());
+    assert!(b.watch_run(&runs[5], "B").await.unwrap() == Watch::Watched);
     a.apply(ended_by_a(&runs[5]), matcher(), 7).await.unwrap();
     let mut heard = Vec::new();
     while heard.last() != Some(&runs[5]) {
@@ -1227,4 +1234,73 @@ async fn a_run_that_ends_frees_its_run_slot_at_once(db: &Db) {
         [other],
         "the freed slot did not start the waiting run"
     );
+}
+
+/// A run whose call this process holds is not marked by its waiters (`Watch::Here`): its
+/// end by that call is told by the executor, not announced; its end by anyone else while
+/// the call is held (a cancel, a run timeout) is announced all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_a_run_held_here_is_not_marked_and_its_end_elsewhere_is_announced() {
+    use std::time::Duration;
+    let db = Db::pg();
+    let Db::Pg(schema) = &db else { unreachable!() };
+    let (a, b) = (pg_open(schema).await, pg_open(schema).await);
+    let mut feed = a.run_ends().expect("a shared store has a feed");
+    async fn next(feed: &mut tokio::sync::broadcast::Receiver<RunEnd>) -> RunEnd {
+        tokio::time::timeout(Duration::from_secs(10), feed.recv())
+            .await
+            .expect("nothing on the feed within 10 s")
+            .unwrap()
+    }
+    assert_eq!(next(&mut feed).await, RunEnd::Announcing);
+    let runs = make_unique_runs(&a, 4).await;
+    let items = a.claim("A", 10, 100_000, 10).await.unwrap();
+    assert_eq!(items.len(), 4);
+    let item_of = |run: &str| items.iter().find(|i| i.run_id == run).unwrap().id.clone();
+    for run in &runs[..3] {
+        assert_eq!(a.watch_run(run, "A").await.unwrap(), Watch::Here);
+    }
+    assert_eq!(
+        b.watch_run(&runs[3], "B").await.unwrap(),
+        Watch::Watched,
+        "a call held by another process is no reason not to mark"
+    );
+    // 0: cancelled on B while A holds its call.
+    assert!(b.cancel_run(&runs[0], 11).await.unwrap());
+    // 1: ended by A's own call.
+    let end = |run: &str, owner: &str| Apply {
+        run_id: run.to_string(),
+        item: Some((item_of(run), owner.to_string())),
+        finish: Some(Finish {
+            status: RunStatus::Completed,
+            output: json!(null),
+        }),
+        lifecycle: Some(vec![]),
+        ..Default::default()
+    };
+    a.apply(end(&runs[1], "A"), matcher(), 12).await.unwrap();
+    // 2: ended by B (as a run timeout would be) while A holds its call.
+    let timeout = Apply {
+        run_id: runs[2].clone(),
+        finish: Some(Finish {
+            status: RunStatus::Cancelled,
+            output: json!(null),
+        }),
+        ..Default::default()
+    };
+    b.apply(timeout, matcher(), 13).await.unwrap();
+    // 3: watched by B, ended by A's call: announced, and the last in commit order.
+    a.apply(end(&runs[3], "A"), matcher(), 14).await.unwrap();
+    let mut heard = Vec::new();
+    while heard.last() != Some(&runs[3]) {
+        if let RunEnd::Ended(id) = next(&mut feed).await {
+            if runs.contains(&id) {
+                heard.push(id);
+            }
+        }
+    }
+    let expected: Vec<String> = [0, 2, 3].iter().map(|&i| runs[i].clone()).collect();
+    assert_eq!(heard, expected);
+    drop((a, b, feed));
+    db.cleanup().await;
 }

@@ -464,6 +464,19 @@ pub trait PauseMatcher: Send + Sync {
     fn matches(&self, pause: &Pause, event: &Value) -> bool;
 }
 
+/// What [`Store::watch_run`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    /// The run has ended, or does not exist: read it.
+    Ended,
+    /// The run is running and its end will be announced.
+    Watched,
+    /// The run is running a call leased to this process, and was not marked: this
+    /// process's executor wakes the run's waiters when the run ends or leaves it (then they
+    /// watch again), and an end committed elsewhere meanwhile is announced.
+    Here,
+}
+
 /// What the [`Store::run_ends`] feed carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunEnd {
@@ -875,15 +888,18 @@ pub trait Store: Send + Sync + 'static {
         None
     }
     /// Ask for the run's end to be announced on this process's [`Store::run_ends`] feed,
-    /// whichever process ends it. True when the run is still running (so the announcement is
-    /// to come); false when it has ended or does not exist. A `wait_ms` request calls this
-    /// after registering its waiter, in place of re-reading the run: an end committed before
-    /// the watch is seen by it, one committed after is announced.
+    /// whichever process ends it; `owner` is this process's lease owner. A `wait_ms` request
+    /// calls this after registering its waiter, in place of re-reading the run: an end
+    /// committed before the watch is seen by it, one committed after is announced (see
+    /// [`Watch`] for the one exception).
     ///
     /// Announcing only watched ends keeps a shared store from waking every node for every
     /// run that ends. The default, for a backend one process owns, only reads the run.
-    async fn watch_run(&self, run_id: &str) -> StoreResult<bool> {
-        Ok(matches!(self.get_run(run_id).await?, Some(r) if r.status == RunStatus::Running))
+    async fn watch_run(&self, run_id: &str, _owner: &str) -> StoreResult<Watch> {
+        Ok(match self.get_run(run_id).await? {
+            Some(r) if r.status == RunStatus::Running => Watch::Watched,
+            _ => Watch::Ended,
+        })
     }
 
     /// Lease up to `limit` due items to `owner` until `lease_until`.

@@ -724,12 +724,17 @@ async fn lock_run<C: GenericClient>(c: &C, run_id: &str) -> R<Option<Run>> {
     .map(|r| row_run(&r)))
 }
 
-/// Who tells a node's waiters that a run ended, when [`finish_run`] ends it.
+/// Who tells a node's waiters that a run ended, when [`finish_run`] ends it. Either way
+/// the notification also goes out when a call of the run is leased to another process than
+/// the one ending it: that process's waiters may rely on its executor (`Watch::Here`).
 #[derive(Clone, Copy)]
 enum Announce<'a> {
-    /// The calling process does, for its own waiters (its executor): the notification goes
-    /// out only if another node, not this one (`node`), watches the run.
-    ElsewhereThan(&'a str),
+    /// The executor holding the dispatch `owner` does, for its own waiters: the notification
+    /// goes out if another node, not this one (`node`), watches the run.
+    ElsewhereThan {
+        node: &'a str,
+        owner: Option<&'a str>,
+    },
     /// The notification goes out if anybody watches the run.
     Everywhere,
 }
@@ -762,15 +767,12 @@ async fn finish_run<C: GenericClient>(
     let mut held: Vec<String> = row.get::<_, Option<String>>(1).into_iter().collect();
     // A notification wakes every listening node and its database backend, and all
     // notifying commits of the database queue on one lock: only send the ones awaited.
-    let notify = match (watched_by.as_deref(), announce) {
-        (None, _) => false,
-        (Some(w), Announce::ElsewhereThan(node)) => w != node,
-        (Some(_), Announce::Everywhere) => true,
+    let (watched, owner) = match (watched_by.as_deref(), announce) {
+        (None, Announce::ElsewhereThan { owner, .. }) => (false, owner),
+        (Some(w), Announce::ElsewhereThan { node, owner }) => (w != node, owner),
+        (None, Announce::Everywhere) => (false, None),
+        (Some(_), Announce::Everywhere) => (true, None),
     };
-    if notify {
-        // Counted when sent, so a transaction rolled back after this still counts.
-        metrics::counter!("cairn_run_end_announcements_total").increment(1);
-    }
     // Everything the run still owns goes in one round trip (data-modifying CTEs run whether
     // or not the outer query reads them), returning the step keys its running calls hold;
     // and the end is announced if anybody waits for it elsewhere (the notification is
@@ -781,14 +783,20 @@ async fn finish_run<C: GenericClient>(
               d AS (DELETE FROM debounces WHERE run_id=$1),
               b AS (DELETE FROM batches WHERE run_id=$1),
               p AS (DELETE FROM pauses WHERE run_id=$1)
-         SELECT ck1, ck2 FROM q
+         SELECT ck1, ck2, false FROM q
          WHERE lease_owner IS NOT NULL AND due_at > $4 AND (ck1 IS NOT NULL OR ck2 IS NOT NULL)
          UNION ALL
-         SELECT NULL::text, NULL::text FROM (SELECT pg_notify($2, $1)) n WHERE $3",
-        &[&run_id, &RUN_ENDED, &notify, &now],
+         SELECT NULL::text, NULL::text, true FROM (SELECT pg_notify($2, $1)) n
+         WHERE $3 OR EXISTS (SELECT 1 FROM q WHERE lease_owner IS DISTINCT FROM $5
+                                               AND lease_owner IS NOT NULL)",
+        &[&run_id, &RUN_ENDED, &watched, &now, &owner],
     )
     .await?;
     for r in &rows {
+        if r.get::<_, bool>(2) {
+            // Counted when sent: a transaction rolled back after this still counts.
+            metrics::counter!("cairn_run_end_announcements_total").increment(1);
+        }
         held.extend(r.get::<_, Option<String>>(0));
         held.extend(r.get::<_, Option<String>>(1));
     }
@@ -1061,7 +1069,10 @@ async fn apply_inner<C: GenericClient>(
     if running {
         if let Some(f) = &a.finish {
             // The caller announces its own end (`Store::apply`).
-            let announce = Announce::ElsewhereThan(node);
+            let announce = Announce::ElsewhereThan {
+                node,
+                owner: a.item.as_ref().map(|(_, owner)| owner.as_str()),
+            };
             let ended = finish_run(c, &a.run_id, f, now, a.lifecycle.is_none(), announce).await?;
             if let (true, Some(events)) = (ended, &a.lifecycle) {
                 apply_lifecycle(c, events, matcher, now, &mut left).await?;
@@ -1969,24 +1980,40 @@ impl Store for PostgresStore {
         Some(rx)
     }
 
-    async fn watch_run(&self, run_id: &str) -> StoreResult<bool> {
-        // One statement: the row lock orders it against the run's end (`finish_run`), so
-        // either the end sees this node's mark or this finds the run no longer running.
-        // A second node watching turns the mark into one no node's own end skips. The mark
-        // needs no durability (a crash ends the wait that made it), so its commit does not
-        // wait for the disk, and the row's lock is not held through a flush the run's own
-        // writes would queue behind.
+    async fn watch_run(&self, run_id: &str, owner: &str) -> StoreResult<Watch> {
+        // One statement. A run whose call `owner` holds is left unmarked: its executor tells
+        // the waiters when the run ends or leaves it, and an end committed elsewhere while
+        // the call is leased here is announced (`finish_run`). Otherwise the run is marked;
+        // the row lock orders the mark against the end, so either the end sees the mark or
+        // this finds the run no longer running. A second node watching turns the mark into
+        // one no node's own end skips. The mark needs no durability (a crash ends the wait
+        // that made it), so its commit does not wait for the disk, and the row's lock is
+        // not held through a flush the run's own writes would queue behind.
         let c = self.client().await?;
-        Ok(query_opt(
+        let row = query_opt(
             &c,
-            "UPDATE runs SET watched_by = CASE WHEN watched_by IS NULL OR watched_by = $2
-                                               THEN $2 ELSE $3 END
-             FROM (SELECT set_config('synchronous_commit', 'off', true)) async_commit
-             WHERE run_id=$1 AND status='Running' RETURNING 1",
-            &[&run_id, &self.node, &WATCHED_BY_SEVERAL],
+            "WITH here AS (SELECT 1 FROM queue WHERE run_id=$1 AND lease_owner=$4 LIMIT 1),
+                  marked AS (
+                    UPDATE runs SET watched_by = CASE WHEN watched_by IS NULL OR watched_by = $2
+                                                      THEN $2 ELSE $3 END
+                    FROM (SELECT set_config('synchronous_commit', 'off', true)) async_commit
+                    WHERE run_id=$1 AND status='Running' AND NOT EXISTS (SELECT 1 FROM here)
+                    RETURNING 1)
+             SELECT EXISTS (SELECT 1 FROM marked),
+                    EXISTS (SELECT 1 FROM here)
+                      AND EXISTS (SELECT 1 FROM runs WHERE run_id=$1 AND status='Running')",
+            &[&run_id, &self.node, &WATCHED_BY_SEVERAL, &owner],
         )
-        .await?
-        .is_some())
+        .await?;
+        // The statement's one row always comes back.
+        let Some(row) = row else {
+            return Ok(Watch::Ended);
+        };
+        Ok(match (row.get::<_, bool>(0), row.get::<_, bool>(1)) {
+            (true, _) => Watch::Watched,
+            (false, true) => Watch::Here,
+            (false, false) => Watch::Ended,
+        })
     }
 
     async fn cancel_run(&self, run_id: &str, now: i64) -> StoreResult<bool> {
