@@ -1145,24 +1145,48 @@ async fn make_unique_runs(store: &dyn Store, n: usize) -> Vec<String> {
     ids
 }
 
+/// `store`'s feed of run ends, once its `LISTEN` is in effect.
+async fn listening(store: &PostgresStore) -> tokio::sync::broadcast::Receiver<RunEnd> {
+    let mut feed = store.run_ends().expect("a shared store has a feed");
+    assert_eq!(next_end(&mut feed).await, RunEnd::Announcing);
+    feed
+}
+
+async fn next_end(feed: &mut tokio::sync::broadcast::Receiver<RunEnd>) -> RunEnd {
+    tokio::time::timeout(std::time::Duration::from_secs(10), feed.recv())
+        .await
+        .expect("nothing on the feed within 10 s")
+        .unwrap()
+}
+
+/// The ends of `runs` announced on `feed`, in order, up to `last`'s. Notifications arrive in
+/// commit order, so once the last commit's is here every earlier one is too.
+async fn heard_until(
+    feed: &mut tokio::sync::broadcast::Receiver<RunEnd>,
+    runs: &[String],
+    last: &str,
+) -> Vec<String> {
+    let mut heard: Vec<String> = Vec::new();
+    while heard.last().map(String::as_str) != Some(last) {
+        if let RunEnd::Ended(id) = next_end(feed).await {
+            if runs.contains(&id) {
+                heard.push(id);
+            }
+        }
+    }
+    heard
+}
+
 /// A run's end reaches another node's feed only when some node other than the one whose
 /// executor ended it watches the run (that executor tells its own waiters), or when it was
 /// cancelled, which no executor announces. Every other end would wake every listening
 /// node for nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_only_ends_watched_elsewhere_are_announced() {
-    use std::time::Duration;
     let db = Db::pg();
     let Db::Pg(schema) = &db else { unreachable!() };
     let (a, b) = (pg_open(schema).await, pg_open(schema).await);
-    let mut feed = b.run_ends().expect("a shared store has a feed");
-    async fn next(feed: &mut tokio::sync::broadcast::Receiver<RunEnd>) -> RunEnd {
-        tokio::time::timeout(Duration::from_secs(10), feed.recv())
-            .await
-            .expect("nothing on the feed within 10 s")
-            .unwrap()
-    }
-    assert_eq!(next(&mut feed).await, RunEnd::Announcing);
+    let mut feed = listening(&b).await;
     let runs = make_unique_runs(&a, 6).await;
     let ended_by_a = |run: &str| Apply {
         run_id: run.to_string(),
@@ -1187,14 +1211,7 @@ async fn pg_only_ends_watched_elsewhere_are_announced() {
     // every earlier one is too.
     assert!(b.watch_run(&runs[5], "B").await.unwrap() == Watch::Watched);
     a.apply(ended_by_a(&runs[5]), matcher(), 7).await.unwrap();
-    let mut heard = Vec::new();
-    while heard.last() != Some(&runs[5]) {
-        if let RunEnd::Ended(id) = next(&mut feed).await {
-            if runs.contains(&id) {
-                heard.push(id);
-            }
-        }
-    }
+    let heard = heard_until(&mut feed, &runs, &runs[5]).await;
     let expected: Vec<String> = [0, 3, 4, 5].iter().map(|&i| runs[i].clone()).collect();
     assert_eq!(heard, expected);
     drop((a, b, feed));
@@ -1241,18 +1258,10 @@ async fn a_run_that_ends_frees_its_run_slot_at_once(db: &Db) {
 /// the call is held (a cancel, a run timeout) is announced all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_a_run_held_here_is_not_marked_and_its_end_elsewhere_is_announced() {
-    use std::time::Duration;
     let db = Db::pg();
     let Db::Pg(schema) = &db else { unreachable!() };
     let (a, b) = (pg_open(schema).await, pg_open(schema).await);
-    let mut feed = a.run_ends().expect("a shared store has a feed");
-    async fn next(feed: &mut tokio::sync::broadcast::Receiver<RunEnd>) -> RunEnd {
-        tokio::time::timeout(Duration::from_secs(10), feed.recv())
-            .await
-            .expect("nothing on the feed within 10 s")
-            .unwrap()
-    }
-    assert_eq!(next(&mut feed).await, RunEnd::Announcing);
+    let mut feed = listening(&a).await;
     let runs = make_unique_runs(&a, 4).await;
     let items = a.claim("A", 10, 100_000, 10).await.unwrap();
     assert_eq!(items.len(), 4);
@@ -1291,14 +1300,7 @@ async fn pg_a_run_held_here_is_not_marked_and_its_end_elsewhere_is_announced() {
     b.apply(timeout, matcher(), 13).await.unwrap();
     // 3: watched by B, ended by A's call: announced, and the last in commit order.
     a.apply(end(&runs[3], "A"), matcher(), 14).await.unwrap();
-    let mut heard = Vec::new();
-    while heard.last() != Some(&runs[3]) {
-        if let RunEnd::Ended(id) = next(&mut feed).await {
-            if runs.contains(&id) {
-                heard.push(id);
-            }
-        }
-    }
+    let heard = heard_until(&mut feed, &runs, &runs[3]).await;
     let expected: Vec<String> = [0, 2, 3].iter().map(|&i| runs[i].clone()).collect();
     assert_eq!(heard, expected);
     drop((a, b, feed));
