@@ -750,7 +750,7 @@ async fn finish_run<C: GenericClient>(
     announce: Announce<'_>,
 ) -> R<bool> {
     // Reads `watched_by` as of the end: a watch committed first is seen here, one that comes
-    // later waits for this row's lock and then finds the run ended (`PostgresStore::watch`).
+    // later waits for this row's lock and then finds the run ended (`Store::watch_run`).
     // Also reads the run's own concurrency slot, which it holds until now.
     let Some(row) = query_opt(
         c,
@@ -1950,9 +1950,10 @@ impl Store for PostgresStore {
             // An end that brought its lifecycle events leaves the run no item (not even
             // finalisation's): nothing to look for.
             let ended = apply.finish.is_some() && apply.lifecycle.is_some();
-            let next = match ended {
-                true => None,
-                false => lease_next(&tx, &apply.run_id, owner, now, lease_until).await?,
+            let next = if ended {
+                None
+            } else {
+                lease_next(&tx, &apply.run_id, owner, now, lease_until).await?
             };
             Ok((next, left))
         })
