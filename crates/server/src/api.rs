@@ -630,7 +630,7 @@ async fn run_response(engine: &Engine, id: &str) -> Response {
 }
 
 /// The run, or the answer to give when it cannot be read.
-async fn run_answer(engine: &Engine, id: &str) -> Result<crate::store::Run, Response> {
+async fn run_answer(engine: &Engine, id: &str) -> Result<Run, Response> {
     match engine.store.get_run(id).await {
         Ok(Some(r)) => Ok(r),
         Ok(None) => Err(err(StatusCode::NOT_FOUND, "run not found")),
@@ -838,12 +838,11 @@ async fn event_runs(
             // watch it (which tells whether it is still running), so an end between the
             // read and the watch is not missed.
             if waiter.as_ref().map(|(id, _, _)| id) != Some(&run_id) {
-                let w = engine.run_waiters.register(&run_id);
-                waiter = Some((run_id.clone(), w, false));
+                waiter = None;
             }
-            let Some((_, w, watched)) = waiter.as_mut() else {
-                continue;
-            };
+            let (_, w, watched) = waiter.get_or_insert_with(|| {
+                (run_id.clone(), engine.run_waiters.register(&run_id), false)
+            });
             let woken = w.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
