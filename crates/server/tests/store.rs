@@ -128,7 +128,47 @@ both_backends!(
     events_applied_with_a_result_skip_the_matcher_unless_one_of_their_name_waits,
     watching_a_run_tells_whether_it_still_runs,
     a_run_that_ends_frees_its_run_slot_at_once,
+    a_run_is_created_once_per_idempotency_key,
 );
+
+/// A second run of a function with an idempotency key it already has a run for (a resent
+/// event, the same key from another event) is not created and queues nothing, with flow
+/// control or without.
+async fn a_run_is_created_once_per_idempotency_key(db: &Db) {
+    let store = db.open().await;
+    for (n, flow) in [
+        RunFlow::default(),
+        RunFlow {
+            priority_ms: 5,
+            ..Default::default()
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut created = Vec::new();
+        for run_id in [format!("K{n}a"), format!("K{n}b")] {
+            store.insert_events(vec![ev("t/idem")]).await.unwrap();
+            let stored = store.unprocessed_events(1).await.unwrap().remove(0);
+            let mut run = new_run(&stored, &run_id, flow.clone());
+            run.idem_key = format!("key-{n}");
+            created.extend(
+                store
+                    .apply_event(stored, vec![run], vec![], matcher(), 1)
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert_eq!(created, [format!("K{n}a")], "flow {n}");
+        let second = format!("K{n}b");
+        assert!(store.get_run(&second).await.unwrap().is_none());
+        assert!(store.run_queue(&second, 1).await.unwrap().is_empty());
+        assert_eq!(
+            store.run_queue(&format!("K{n}a"), 1).await.unwrap().len(),
+            1
+        );
+    }
+}
 
 /// Lifecycle events applied in the commit of a result (finalisation's): stored processed with
 /// their runs created, so the matcher has nothing to do; behind an older unapplied event of
