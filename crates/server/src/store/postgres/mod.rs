@@ -325,20 +325,24 @@ fn retryable(e: &E) -> bool {
     }
 }
 
-/// Runs `$body` (an expression using `$tx`, a connection inside an open transaction block,
-/// evaluating to `R<T>`) in one transaction, committing on `Ok` and re-running it from
-/// scratch on a deadlock or serialisation failure. The body may run more than once: it must
-/// only borrow its inputs.
+/// Runs `$body` (an expression using the transaction `$tx`, evaluating to `R<T>`) in one
+/// transaction, committing on `Ok` and re-running it from scratch on a deadlock or
+/// serialisation failure. The body may run more than once: it must only borrow its inputs.
 macro_rules! in_tx {
     ($self:expr, |$tx:ident| $body:expr) => {{
-        let conn = TxConn::new($self.client().await?);
+        let mut client = $self.client().await?;
         let mut tries = 0u32;
         loop {
             count(2); // BEGIN and COMMIT (or ROLLBACK)
-            let $tx = conn.client();
-            match conn.block(async { $body }).await {
+            let $tx = client.transaction().await.map_err(E::from)?;
+            let out: R<_> = async { $body }.await;
+            let out = match out {
+                Ok(v) => $tx.commit().await.map(|_| v).map_err(E::from),
+                Err(e) => Err(e),
+            };
+            match out {
                 Ok(v) => break Ok(v),
-                Err(e) if retryable(&e) && tries < MAX_RETRIES && !conn.in_block() => {
+                Err(e) if retryable(&e) && tries < MAX_RETRIES => {
                     tries += 1;
                     // Spread the retries of the transactions that collided.
                     let ms = rand::random::<u64>() % (5 << tries.min(5));
@@ -348,78 +352,6 @@ macro_rules! in_tx {
             }
         }
     }};
-}
-
-/// A pooled connection for transaction blocks whose `BEGIN` costs no round trip of its own:
-/// it is queued on the connection right before the block's first statement and answered
-/// with it. (`Client::transaction` waits for `BEGIN`'s answer first, which on the hot path
-/// was one round trip, and one wake-up of this process and of the server, in every ten.)
-///
-/// Dropped in the middle of a block (its caller's future was cancelled, or the body
-/// panicked), the connection is closed instead of going back to the pool: closing it rolls
-/// the block back, and a pooled connection must never hand an open block to its next user.
-struct TxConn {
-    conn: Option<deadpool_postgres::Object>,
-    in_block: std::sync::atomic::AtomicBool,
-}
-
-impl TxConn {
-    fn new(conn: deadpool_postgres::Object) -> Self {
-        TxConn {
-            conn: Some(conn),
-            in_block: false.into(),
-        }
-    }
-
-    fn client(&self) -> &deadpool_postgres::Object {
-        self.conn.as_ref().expect("taken only when dropped")
-    }
-
-    /// Whether a block is (or may still be) open: its end was not answered.
-    fn in_block(&self) -> bool {
-        self.in_block.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Runs `body`, whose statements go to [`Self::client`], as one transaction block:
-    /// committed when it returns `Ok`, rolled back when it returns `Err`.
-    async fn block<T>(&self, body: impl std::future::Future<Output = R<T>>) -> R<T> {
-        let c = self.client();
-        self.in_block
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        // `join` polls `BEGIN` first, which queues it ahead of anything the body sends. The
-        // two are driven together, not one after the other, because the connection stops
-        // reading once an answer waits unread.
-        let (began, out) = futures::future::join(c.batch_execute("BEGIN"), body).await;
-        // A failed BEGIN leaves the block's state unknown: the connection is dropped.
-        began?;
-        let end = c
-            .batch_execute(if out.is_ok() { "COMMIT" } else { "ROLLBACK" })
-            .await;
-        match end {
-            Ok(()) => {
-                self.in_block
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-                out
-            }
-            // The server answered, so the block is over (a failed COMMIT rolls it back).
-            Err(e) if e.as_db_error().is_some() => {
-                self.in_block
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-                out.and(Err(e.into()))
-            }
-            Err(e) => out.and(Err(e.into())),
-        }
-    }
-}
-
-impl Drop for TxConn {
-    fn drop(&mut self) {
-        if *self.in_block.get_mut() {
-            if let Some(conn) = self.conn.take() {
-                drop(deadpool_postgres::Object::take(conn));
-            }
-        }
-    }
 }
 
 /// Statements this process has sent (BEGIN and COMMIT included), across all stores.
@@ -578,37 +510,15 @@ fn item_kind(s: &str) -> ItemKind {
     serde_json::from_str(s).unwrap_or(ItemKind::Finalize)
 }
 
-/// The pauses a stored event of `name` may resume other than by correlation: waits started
-/// before the transaction that stored it ended (its `xid`; see [`Store::event_high_water`])
-/// and cancel rules created before it. The event is named by its internal id, not by its
-/// sequence number, so that this look can be sent together with the statement storing it.
-/// Run under the event name's lock: no pause of that name is created meanwhile.
-async fn pauses_for_event<C: GenericClient>(c: &C, name: &str, internal_id: &str) -> R<Vec<Pause>> {
-    Ok(query(
-        c,
-        &format!(
-            "SELECT {PAUSE_COLS} FROM pauses,
-               (SELECT seq, xid FROM events WHERE internal_id=$2) AS e
-             WHERE event_name=$1 AND correlation IS NULL
-               AND (CASE WHEN kind = 'cancel' THEN since_seq < e.seq ELSE since_seq <= e.xid END)"
-        ),
-        &[&name, &internal_id],
-    )
-    .await?
-    .iter()
-    .map(row_pause)
-    .collect())
-}
-
 /// Applies a stored event inside the caller's transaction, which holds the event name's
 /// lock (shared): creates the planned runs, stores `extra_events` and resumes the pauses the
-/// event matches, out of `pauses` (its [`pauses_for_event`]) and those waiting on its
-/// correlation id. The caller marks the event processed.
+/// event matches (waits started before transaction id `xid` ended; see
+/// [`Store::event_high_water`]). The caller marks the event processed.
 #[allow(clippy::too_many_arguments)]
 async fn apply_stored_event<C: GenericClient>(
     tx: &C,
     event: &StoredEvent,
-    mut pauses: Vec<Pause>,
+    xid: i64,
     runs: &[NewRun],
     extra_events: &[NewEvent],
     matcher: &dyn PauseMatcher,
@@ -633,6 +543,18 @@ async fn apply_stored_event<C: GenericClient>(
                 .and_then(Value::as_str)
         })
         .flatten();
+    let mut pauses: Vec<Pause> = query(
+        tx,
+        &format!(
+            "SELECT {PAUSE_COLS} FROM pauses WHERE event_name=$1 AND correlation IS NULL
+                 AND (CASE WHEN kind = 'cancel' THEN since_seq < $2 ELSE since_seq <= $3 END)"
+        ),
+        &[&event.name, &event.seq, &xid],
+    )
+    .await?
+    .iter()
+    .map(row_pause)
+    .collect();
     if let Some(corr) = correlation {
         let by_corr = query(
             tx,
@@ -671,34 +593,23 @@ async fn insert_and_apply_event<C: GenericClient>(
     now: i64,
 ) -> R<Option<EventApplied>> {
     let name = e.name();
-    // The lock, then the look for a backlog, in one round trip: `try_join` polls, and so
-    // sends, them in order, and the server runs them in the order they arrive.
-    let (_, backlog) = futures::future::try_join(
-        lock_shared(c, &event_lock(name)),
-        query_opt(
-            c,
-            "SELECT 1 FROM events WHERE NOT processed AND name=$1 LIMIT 1",
-            &[&name],
-        ),
+    lock_shared(c, &event_lock(name)).await?;
+    let backlog = query_opt(
+        c,
+        "SELECT 1 FROM events WHERE NOT processed AND name=$1 LIMIT 1",
+        &[&name],
     )
-    .await?;
-    let backlog = backlog.is_some();
+    .await?
+    .is_some();
     if backlog {
         insert_event(c, e).await?;
         return Ok(None);
     }
-    // The event and the look for its pauses in one round trip (`try_join` polls, and so
-    // sends, in order): the look reads the row the insert wrote.
-    let (stored, pauses) = futures::future::try_join(
-        insert_new_event(c, e, true),
-        pauses_for_event(c, name, &e.internal_id),
-    )
-    .await?;
-    let Some((seq, _)) = stored else {
+    let Some((seq, xid)) = insert_new_event(c, e, true).await? else {
         return Ok(Some(EventApplied::default()));
     };
     let runs = runs_after(runs, seq);
-    apply_stored_event(c, &e.stored(seq), pauses, &runs, &[], matcher, now)
+    apply_stored_event(c, &e.stored(seq), xid, &runs, &[], matcher, now)
         .await
         .map(Some)
 }
@@ -1042,51 +953,37 @@ async fn apply_inner<C: GenericClient>(
             .collect();
         lock_all(c, &mut names).await?;
     }
-    // The handled item's row, the dispatched call's and the run's, locked in that order in
-    // one round trip: `try_join3` polls, and so sends, them in order, and the server runs
-    // them in the order they arrive.
-    let held = async {
-        match &a.item {
-            Some((id, _)) => {
-                query_opt(
-                    c,
-                    "SELECT lease_owner, ck1, ck2 FROM queue WHERE id=$1 FOR UPDATE",
-                    &[id],
-                )
-                .await
-            }
-            None => Ok(None),
-        }
-    };
-    let dispatched = async {
-        match &a.dispatch {
-            Some((id, _)) => {
-                query_opt(
-                    c,
-                    // The item must be this run's: a checkpoint names both.
-                    "SELECT available_at FROM queue WHERE id=$1 AND run_id=$2 FOR UPDATE",
-                    &[id, &a.run_id],
-                )
-                .await
-            }
-            None => Ok(None),
-        }
-    };
-    let (held, dispatched, run) =
-        futures::future::try_join3(held, dispatched, lock_run(c, &a.run_id)).await?;
     let mut item_keys: Vec<String> = Vec::new();
     if let Some((id, owner)) = &a.item {
-        let Some(row) = held.filter(|r| r.get::<_, Option<&str>>(0) == Some(owner.as_str())) else {
+        let held = query_opt(
+            c,
+            "SELECT lease_owner, ck1, ck2 FROM queue WHERE id=$1 FOR UPDATE",
+            &[id],
+        )
+        .await?;
+        let Some(row) = held else {
             return Err(StoreError::LeaseLost(id.clone()).into());
         };
+        if row.get::<_, Option<&str>>(0) != Some(owner.as_str()) {
+            return Err(StoreError::LeaseLost(id.clone()).into());
+        }
         item_keys.extend(row.get::<_, Option<String>>(1));
         item_keys.extend(row.get::<_, Option<String>>(2));
     }
     if let Some((id, at)) = &a.dispatch {
-        if dispatched.map(|r| r.get::<_, i64>(0)) != Some(*at) {
+        let current: Option<i64> = query_opt(
+            c,
+            // The item must be this run's: a checkpoint names both.
+            "SELECT available_at FROM queue WHERE id=$1 AND run_id=$2 FOR UPDATE",
+            &[id, &a.run_id],
+        )
+        .await?
+        .map(|r| r.get(0));
+        if current != Some(*at) {
             return Err(StoreError::LeaseLost(id.clone()).into());
         }
     }
+    let run = lock_run(c, &a.run_id).await?;
     let running = run
         .as_ref()
         .map(|r| r.status == RunStatus::Running)
@@ -1169,7 +1066,6 @@ async fn apply_inner<C: GenericClient>(
     if let Some(id) = &a.reset_attempt {
         exec(c, "UPDATE queue SET attempt=0 WHERE id=$1", &[id]).await?;
     }
-    let mut ended = false;
     if running {
         if let Some(f) = &a.finish {
             // The caller announces its own end (`Store::apply`).
@@ -1177,14 +1073,13 @@ async fn apply_inner<C: GenericClient>(
                 node,
                 owner: a.item.as_ref().map(|(_, owner)| owner.as_str()),
             };
-            ended = finish_run(c, &a.run_id, f, now, a.lifecycle.is_none(), announce).await?;
+            let ended = finish_run(c, &a.run_id, f, now, a.lifecycle.is_none(), announce).await?;
             if let (true, Some(events)) = (ended, &a.lifecycle) {
                 apply_lifecycle(c, events, matcher, now, &mut left).await?;
             }
         }
     }
-    // An ended run's items went with it, this one among them, and their slots were freed.
-    if let Some((id, _)) = a.item.as_ref().filter(|_| !ended) {
+    if let Some((id, _)) = &a.item {
         let n = match a.retry {
             Some((attempt, at)) if running && a.finish.is_none() => {
                 exec(
@@ -1196,6 +1091,7 @@ async fn apply_inner<C: GenericClient>(
             }
             _ => exec(c, "DELETE FROM queue WHERE id=$1", &[id]).await?,
         };
+        // When the run ended above, finish_run already freed this item's slots.
         if n == 1 {
             flow::free_all(c, &item_keys).await?;
         }
@@ -1476,7 +1372,7 @@ impl PostgresStore {
         // handed out even if it fails, rather than left to expire unworked.
         let rest = limit - items.len();
         let more: StoreResult<Vec<QueueItem>> = in_tx!(self, |tx| flow::claim(
-            tx,
+            &tx,
             owner,
             now,
             lease_until,
@@ -1669,7 +1565,7 @@ impl Store for PostgresStore {
         in_tx!(self, |tx| {
             let mut out = Vec::with_capacity(events.len());
             for e in &events {
-                out.push(insert_event(tx, e).await?);
+                out.push(insert_event(&tx, e).await?);
             }
             Ok(out)
         })
@@ -1715,29 +1611,24 @@ impl Store for PostgresStore {
         now: i64,
     ) -> StoreResult<Vec<String>> {
         in_tx!(self, |tx| {
+            lock_shared(&tx, &event_lock(&event.name)).await?;
             // The name lock is shared, so the event's row decides who applies it: a node
             // finding it taken (or already processed) leaves it to the other. Should the
-            // other roll back, the event is still unprocessed and is picked up again. The
-            // lock, the claim and the look for its pauses go in one round trip, in order
-            // (`try_join3` polls, and so sends, in order).
-            let (_, state, pauses) = futures::future::try_join3(
-                lock_shared(tx, &event_lock(&event.name)),
-                query_opt(
-                    tx,
-                    "SELECT processed FROM events WHERE seq=$1 FOR UPDATE SKIP LOCKED",
-                    &[&event.seq],
-                ),
-                pauses_for_event(tx, &event.name, &event.internal_id),
+            // other roll back, the event is still unprocessed and is picked up again.
+            let state = query_opt(
+                &tx,
+                "SELECT processed, xid FROM events WHERE seq=$1 FOR UPDATE SKIP LOCKED",
+                &[&event.seq],
             )
             .await?;
-            // Taken by another node, or already processed.
-            if state.is_none_or(|r| r.get::<_, bool>(0)) {
-                return Ok(Vec::new());
-            }
+            let xid: i64 = match &state {
+                Some(r) if !r.get::<_, bool>(0) => r.get(1),
+                _ => return Ok(Vec::new()),
+            };
             let applied = apply_stored_event(
-                tx,
+                &tx,
                 &event,
-                pauses,
+                xid,
                 &runs,
                 &extra_events,
                 matcher.as_ref(),
@@ -1745,7 +1636,7 @@ impl Store for PostgresStore {
             )
             .await?;
             exec(
-                tx,
+                &tx,
                 "UPDATE events SET processed=true WHERE seq=$1",
                 &[&event.seq],
             )
@@ -1767,7 +1658,7 @@ impl Store for PostgresStore {
             let mut leased = Vec::new();
             for (e, runs) in &events {
                 let Some(applied) =
-                    insert_and_apply_event(tx, e, runs, matcher.as_ref(), now).await?
+                    insert_and_apply_event(&tx, e, runs, matcher.as_ref(), now).await?
                 else {
                     left.matcher = true;
                     continue;
@@ -1775,7 +1666,7 @@ impl Store for PostgresStore {
                 left.queue |= left_for_queue(runs, &applied);
                 for run_id in applied.runs {
                     let next = if leased.len() < *max {
-                        lease_next(tx, &run_id, owner, now, *lease_until).await?
+                        lease_next(&tx, &run_id, owner, now, *lease_until).await?
                     } else {
                         None
                     };
@@ -1873,9 +1764,9 @@ impl Store for PostgresStore {
     async fn sync_app(&self, app: AppRecord, functions: Vec<FunctionRecord>) -> StoreResult<bool> {
         in_tx!(self, |tx| {
             // Two nodes syncing one app at once: one after the other, each sees the other.
-            lock(tx, &format!("cairn:app:{}", app.name)).await?;
+            lock(&tx, &format!("cairn:app:{}", app.name)).await?;
             let old = query_opt(
-                tx,
+                &tx,
                 "SELECT checksum, url FROM apps WHERE name=$1",
                 &[&app.name],
             )
@@ -1884,17 +1775,17 @@ impl Store for PostgresStore {
                 .map(|r| r.get::<_, &str>(0) != app.checksum || r.get::<_, &str>(1) != app.url)
                 .unwrap_or(true);
             exec(
-                tx,
+                &tx,
                 "INSERT INTO apps(name, url, sdk, checksum, synced_at) VALUES ($1,$2,$3,$4,$5)
                  ON CONFLICT (name) DO UPDATE SET url=excluded.url, sdk=excluded.sdk,
                  checksum=excluded.checksum, synced_at=excluded.synced_at",
                 &[&app.name, &app.url, &app.sdk, &app.checksum, &app.synced_at],
             )
             .await?;
-            exec(tx, "DELETE FROM functions WHERE app=$1", &[&app.name]).await?;
+            exec(&tx, "DELETE FROM functions WHERE app=$1", &[&app.name]).await?;
             for f in &functions {
                 exec(
-                    tx,
+                    &tx,
                     "INSERT INTO functions(slug, app, config) VALUES ($1,$2,$3)
                      ON CONFLICT (slug) DO UPDATE SET app=excluded.app, config=excluded.config",
                     &[&f.slug, &f.app, &j(&f.config)],
@@ -2023,7 +1914,7 @@ impl Store for PostgresStore {
             }
         }
         in_tx!(self, |tx| apply_inner(
-            tx,
+            &tx,
             &apply,
             matcher.as_ref(),
             now,
@@ -2055,14 +1946,14 @@ impl Store for PostgresStore {
             }
         }
         in_tx!(self, |tx| {
-            let left = apply_inner(tx, &apply, matcher.as_ref(), now, &self.node).await?;
+            let left = apply_inner(&tx, &apply, matcher.as_ref(), now, &self.node).await?;
             // An end that brought its lifecycle events leaves the run no item (not even
             // finalisation's): nothing to look for.
             let ended = apply.finish.is_some() && apply.lifecycle.is_some();
             let next = if ended {
                 None
             } else {
-                lease_next(tx, &apply.run_id, owner, now, lease_until).await?
+                lease_next(&tx, &apply.run_id, owner, now, lease_until).await?
             };
             Ok((next, left))
         })
@@ -2132,8 +2023,8 @@ impl Store for PostgresStore {
             output: serde_json::json!({"error": "cancelled", "name": "Cancelled", "message": "run cancelled via API"}),
         };
         in_tx!(self, |tx| {
-            lock_run(tx, run_id).await?;
-            finish_run(tx, run_id, &finish, now, true, Announce::Everywhere).await
+            lock_run(&tx, run_id).await?;
+            finish_run(&tx, run_id, &finish, now, true, Announce::Everywhere).await
         })
     }
 
@@ -2180,15 +2071,15 @@ impl Store for PostgresStore {
 
     async fn release(&self, owner: &str, id: &str) -> StoreResult<()> {
         in_tx!(self, |tx| {
-            let keys = flow::item_keys(tx, id).await?;
+            let keys = flow::item_keys(&tx, id).await?;
             let n = exec(
-                tx,
+                &tx,
                 "UPDATE queue SET lease_owner=NULL, due_at=available_at WHERE id=$1 AND lease_owner=$2",
                 &[&id, &owner],
             )
             .await?;
             if n == 1 {
-                flow::free_all(tx, &keys).await?;
+                flow::free_all(&tx, &keys).await?;
             }
             Ok(())
         })
@@ -2215,7 +2106,7 @@ impl Store for PostgresStore {
         in_tx!(self, |tx| {
             // Bounded batches keep each transaction short.
             let ended = query(
-                tx,
+                &tx,
                 "SELECT run_id FROM runs WHERE status <> 'Running' AND ended_at < $1 LIMIT 5000",
                 &[&before],
             )
@@ -2223,10 +2114,10 @@ impl Store for PostgresStore {
             .iter()
             .map(|r| r.get::<_, String>(0))
             .collect::<Vec<_>>();
-            exec(tx, "DELETE FROM steps WHERE run_id = ANY($1)", &[&ended]).await?;
-            let runs = exec(tx, "DELETE FROM runs WHERE run_id = ANY($1)", &[&ended]).await?;
+            exec(&tx, "DELETE FROM steps WHERE run_id = ANY($1)", &[&ended]).await?;
+            let runs = exec(&tx, "DELETE FROM runs WHERE run_id = ANY($1)", &[&ended]).await?;
             let events = exec(
-                tx,
+                &tx,
                 "DELETE FROM events WHERE seq IN (SELECT seq FROM events
                  WHERE processed AND received_at < $1 LIMIT 5000)",
                 &[&before],
@@ -2234,10 +2125,10 @@ impl Store for PostgresStore {
             .await?;
             // Flow-control leftovers: limits whose window has passed, old skip records,
             // batch links of runs that are gone.
-            exec(tx, "DELETE FROM gcra WHERE tat < $1", &[&before]).await?;
-            exec(tx, "DELETE FROM skips WHERE at < $1", &[&before]).await?;
+            exec(&tx, "DELETE FROM gcra WHERE tat < $1", &[&before]).await?;
+            exec(&tx, "DELETE FROM skips WHERE at < $1", &[&before]).await?;
             exec(
-                tx,
+                &tx,
                 "DELETE FROM run_triggers WHERE ctid IN (SELECT t.ctid FROM run_triggers t
                  LEFT JOIN runs r ON r.run_id = t.run_id WHERE r.run_id IS NULL LIMIT 5000)",
                 &[],
@@ -2269,7 +2160,7 @@ impl Store for PostgresStore {
             // Two nodes firing the same tick: the second waits on the first's row, then
             // finds the tick no longer newer and fires nothing.
             let n = exec(
-                tx,
+                &tx,
                 "INSERT INTO cron(fn_slug, schedule, last_tick) VALUES ($1,$2,$3)
                  ON CONFLICT (fn_slug, schedule) DO UPDATE SET last_tick=excluded.last_tick
                  WHERE cron.last_tick < excluded.last_tick",
@@ -2280,93 +2171,9 @@ impl Store for PostgresStore {
                 return Ok(false);
             }
             if let Some(e) = &event {
-                insert_event(tx, e).await?;
+                insert_event(&tx, e).await?;
             }
             Ok(true)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A store with a one-connection pool on a fresh schema of the test database (see
-    /// `tests/pg_support`), and that schema's name.
-    async fn one_connection_store() -> (PostgresStore, String) {
-        let url = std::env::var("CAIRN_TEST_PG_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let schema = format!(
-            "cairn_unit_{}",
-            ulid::Ulid::new().to_string().to_lowercase()
-        );
-        let opts = PgOptions {
-            pool_size: 1,
-            schema: Some(schema.clone()),
-            ..Default::default()
-        };
-        let store = PostgresStore::connect(&url, opts)
-            .await
-            .expect("these tests need the PostgreSQL server of CAIRN_TEST_PG_URL");
-        (store, schema)
-    }
-
-    /// What is in `probe` and whether the pool's connection is outside any transaction
-    /// block (only inside one may a savepoint be set).
-    async fn probe(store: &PostgresStore) -> (Vec<i32>, bool) {
-        let c = store.client().await.unwrap();
-        let xs = c
-            .query("SELECT x FROM probe ORDER BY x", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let outside = match c.batch_execute("SAVEPOINT probe").await {
-            Ok(()) => false,
-            Err(e) if e.code() == Some(&SqlState::NO_ACTIVE_SQL_TRANSACTION) => true,
-            Err(e) => panic!("{e}"),
-        };
-        (xs, outside)
-    }
-
-    #[tokio::test]
-    async fn a_transaction_block_is_all_or_nothing_even_when_its_caller_goes_away() {
-        let (store, schema) = one_connection_store().await;
-        let c = store.client().await.unwrap();
-        c.batch_execute("CREATE TABLE probe(x int)").await.unwrap();
-        drop(c);
-        let store = &store;
-        let insert = |x: i32| async move {
-            let r: StoreResult<()> = in_tx!(store, |tx| {
-                exec(tx, "INSERT INTO probe VALUES ($1)", &[&x]).await?;
-                match x {
-                    1 => Ok(()),
-                    2 => Err(E::Store(StoreError::Backend("the body failed".into()))),
-                    _ => std::future::pending().await,
-                }
-            });
-            r
-        };
-
-        insert(1).await.unwrap();
-        assert_eq!(probe(store).await, (vec![1], true));
-
-        // Had BEGIN reached the server after the body's first statement (prepared by now,
-        // so sent at once), that statement would have committed on its own.
-        let failed = insert(2).await;
-        assert!(failed.is_err());
-        assert_eq!(probe(store).await, (vec![1], true));
-
-        // Cancelled after its insert: the connection is closed (the pool's only one), not
-        // handed on with the block open, and the next user gets a fresh one.
-        let cancelled = tokio::time::timeout(Duration::from_millis(300), insert(3)).await;
-        assert!(cancelled.is_err(), "the block never ends by itself");
-        assert_eq!(probe(store).await, (vec![1], true));
-
-        let c = store.client().await.unwrap();
-        c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-            .await
-            .unwrap();
     }
 }
