@@ -146,11 +146,12 @@ async fn a_run_is_created_once_per_idempotency_key(db: &Db) {
     .into_iter()
     .enumerate()
     {
+        let (first, second) = (format!("K{n}a"), format!("K{n}b"));
         let mut created = Vec::new();
-        for run_id in [format!("K{n}a"), format!("K{n}b")] {
+        for run_id in [&first, &second] {
             store.insert_events(vec![ev("t/idem")]).await.unwrap();
             let stored = store.unprocessed_events(1).await.unwrap().remove(0);
-            let mut run = new_run(&stored, &run_id, flow.clone());
+            let mut run = new_run(&stored, run_id, flow.clone());
             run.idem_key = format!("key-{n}");
             created.extend(
                 store
@@ -159,14 +160,10 @@ async fn a_run_is_created_once_per_idempotency_key(db: &Db) {
                     .unwrap(),
             );
         }
-        assert_eq!(created, [format!("K{n}a")], "flow {n}");
-        let second = format!("K{n}b");
+        assert_eq!(created, std::slice::from_ref(&first), "flow {n}");
         assert!(store.get_run(&second).await.unwrap().is_none());
         assert!(store.run_queue(&second, 1).await.unwrap().is_empty());
-        assert_eq!(
-            store.run_queue(&format!("K{n}a"), 1).await.unwrap().len(),
-            1
-        );
+        assert_eq!(store.run_queue(&first, 1).await.unwrap().len(), 1);
     }
 }
 
