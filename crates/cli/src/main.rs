@@ -56,7 +56,9 @@ struct Common {
     /// Seconds to wait for an app to answer one call before counting it as a failed attempt.
     #[arg(long, env = "CAIRN_CALL_TIMEOUT", default_value_t = 300)]
     call_timeout: u64,
-    /// PostgreSQL connections this process keeps open (postgres:// databases only).
+    /// PostgreSQL connections this process keeps open for its work (postgres:// databases
+    /// only). Lease renewals hold one more, and so does the run-end listener while a request
+    /// waits for a run to end.
     #[arg(long, env = "CAIRN_DB_POOL_SIZE", default_value_t = 16)]
     db_pool_size: usize,
     /// Seconds any one PostgreSQL statement may run before the server cancels it.

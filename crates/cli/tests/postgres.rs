@@ -100,6 +100,15 @@ struct Node {
 
 impl Node {
     fn spawn(db_url: &str, port: u16) -> Node {
+        // CAIRN_TEST_NODE_LOGS=dir keeps each node's log (with every call it makes and every
+        // lease it loses) in dir/node-PORT.log, to trace a failure back to the node.
+        let logs = std::env::var("CAIRN_TEST_NODE_LOGS").ok().map(|dir| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(format!("{dir}/node-{port}.log"))
+                .expect("open node log")
+        });
         let child = Command::new(env!("CARGO_BIN_EXE_cairn"))
             .arg("start")
             .args(["--port", &port.to_string()])
@@ -107,9 +116,16 @@ impl Node {
             .args(["--signing-key", KEY, "--event-key", EVENT_KEY])
             .args(["--retry-interval", "1", "--lease-seconds", "2"])
             .args(["--db-pool-size", "4"])
-            .env("CAIRN_LOG", "warn")
+            .env(
+                "CAIRN_LOG",
+                if logs.is_some() {
+                    "warn,cairn_server::executor=debug,cairn_server::queue=debug"
+                } else {
+                    "warn"
+                },
+            )
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(logs.map_or_else(Stdio::null, Stdio::from))
             .spawn()
             .expect("spawn cairn");
         Node {

@@ -237,11 +237,8 @@ async fn ingest(
     let mut permits = engine
         .workers
         .try_take(planned.iter().map(|(_, r)| r.len()).sum());
-    let lease = (
-        engine.owner.clone(),
-        now + engine.config.lease.as_millis() as i64,
-        permits.len(),
-    );
+    let lease_until = now + engine.config.lease.as_millis() as i64;
+    let lease = (engine.owner.clone(), lease_until, permits.len());
     // Acknowledge only after commit.
     let left = match engine
         .store
@@ -251,7 +248,7 @@ async fn ingest(
         Ok((leased, left)) => {
             for item in leased {
                 let Some(permit) = permits.pop() else { break };
-                crate::queue::spawn(engine.clone(), permit, item);
+                crate::queue::spawn(engine.clone(), permit, item, lease_until);
             }
             left
         }

@@ -8,7 +8,7 @@
 use crate::registry::FunctionEntry;
 use crate::store::{
     Apply, CallState, Finish, ItemKind, Left, MemoJson, NewEvent, NewItem, NewRun, Pause,
-    PauseKind, QueueItem, Run, RunStatus, StoreResult, StoredEvent,
+    PauseKind, QueueItem, Run, RunStatus, StoreError, StoreResult, StoredEvent,
 };
 use crate::Engine;
 use cairn_protocol::{
@@ -125,8 +125,9 @@ fn user_error(name: &str, message: impl Into<String>) -> Value {
 /// Handle one claimed item end to end. Never panics the worker: failures are logged.
 ///
 /// With `go_on`, the run's next due item is leased to this process in the same commit as the
-/// result and returned, so the caller can handle it at once instead of claiming it.
-pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option<QueueItem> {
+/// result and returned with its lease's end, so the caller can handle it at once instead of
+/// claiming it.
+pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option<(QueueItem, i64)> {
     // Whether handling the item may free concurrency slots, un-parking other runs' items:
     // calls hold their function's limits (looked up by `call`), and a run that times out
     // frees its own; sleeps, wait timeouts and finalisation hold none.
@@ -183,7 +184,11 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option
     let apply = match res {
         Ok(a) => a,
         Err(e) => {
-            tracing::error!(item = %item.id, error = %e, "handling queue item");
+            if let Some(StoreError::LeaseLost(id)) = e.downcast_ref::<StoreError>() {
+                lease_lost(id, "call not sent");
+            } else {
+                tracing::error!(item = %item.id, error = %e, "handling queue item");
+            }
             return None;
         }
     };
@@ -194,8 +199,8 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option
     let run_id = apply.run_id.clone();
     let new_work = NewWork::of(&apply, limited);
     let now = engine.now();
+    let lease_until = now + engine.config.lease.as_millis() as i64;
     let applied: StoreResult<(Option<QueueItem>, Left)> = if go_on {
-        let lease_until = now + engine.config.lease.as_millis() as i64;
         engine
             .store
             .apply_and_continue(
@@ -236,10 +241,10 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option
             if left.queue || new_work.left_for_loop(next.as_ref()) {
                 engine.queue_wake.notify_one();
             }
-            next
+            next.map(|n| (n, lease_until))
         }
-        Err(crate::store::StoreError::LeaseLost(id)) => {
-            tracing::debug!(item = %id, "lease lost; result dropped");
+        Err(StoreError::LeaseLost(id)) => {
+            lease_lost(&id, "result dropped");
             None
         }
         Err(e) => {
@@ -247,6 +252,13 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option
             None
         }
     }
+}
+
+/// Another process took item `id` over after this one's lease on it lapsed, so whatever
+/// this one was doing with it is dropped.
+fn lease_lost(id: &str, what: &str) {
+    tracing::debug!(item = %id, "lease lost; {what}");
+    metrics::counter!("cairn_leases_lost_total").increment(1);
 }
 
 async fn finalize(engine: &Engine, item: &QueueItem) -> anyhow::Result<Apply> {
@@ -720,6 +732,7 @@ async fn call_run(
     let step_id = step
         .clone()
         .unwrap_or_else(|| cairn_protocol::STEP_DISCOVERY.to_string());
+    let memos_sent = memos.len();
     let body = build_body(
         run,
         memos,
@@ -729,6 +742,11 @@ async fn call_run(
         &dispatch_ref(item),
     );
     let url = call_url(&base_url, &run.fn_slug, &step_id)?;
+    // Checked as late as possible: the call must reach the app while the lease is ours.
+    if !crate::queue::lease_held(engine, &item.id).await {
+        return Err(StoreError::LeaseLost(item.id.clone()).into());
+    }
+    tracing::debug!(run = %run.run_id, qi = %dispatch_ref(item), memos = memos_sent, "calling the app");
     let outcome = send(engine, url, body, &run.run_id, &step_id, run.version).await;
     let now = engine.now();
     let retry_or_fail =

@@ -8,7 +8,7 @@
 use crate::store::QueueItem;
 use crate::Engine;
 use parking_lot::Mutex;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{fence, AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,18 +17,22 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Most items claimed in one round trip.
 const CLAIM_BATCH: usize = 64;
 
+/// Items handled here, each with the time until which this process holds its lease as last
+/// confirmed by the store (unix ms).
+type Leases = Arc<Mutex<HashMap<String, i64>>>;
+
 /// Marks a queue item as being handled here, so its lease is renewed; the mark goes when the
 /// guard drops, also when the handling task panics or is cancelled.
 struct InFlight {
-    set: Arc<Mutex<HashSet<String>>>,
+    leases: Leases,
     id: String,
 }
 
 impl InFlight {
-    fn enter(set: &Arc<Mutex<HashSet<String>>>, id: &str) -> InFlight {
-        set.lock().insert(id.to_string());
+    fn enter(leases: &Leases, id: &str, until: i64) -> InFlight {
+        leases.lock().insert(id.to_string(), until);
         InFlight {
-            set: set.clone(),
+            leases: leases.clone(),
             id: id.to_string(),
         }
     }
@@ -36,15 +40,15 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.set.lock().remove(&self.id);
+        self.leases.lock().remove(&self.id);
     }
 }
 
-/// The worker pool: permits bound the items handled at once, and the in-flight set is what
-/// the lease renewer keeps alive.
+/// The worker pool: permits bound the items handled at once, and the in-flight leases are
+/// what the lease renewer keeps alive.
 pub struct Workers {
     sem: Arc<Semaphore>,
-    inflight: Arc<Mutex<HashSet<String>>>,
+    leases: Leases,
     /// The loop is waiting for a free worker. Only then does a worker that ends wake it: an
     /// unsaturated loop has already claimed all it found, and a wake-up per ending worker
     /// cost a claim round trip each (several per run on a node that is not busy).
@@ -56,7 +60,7 @@ impl Workers {
     pub fn new(size: usize) -> Self {
         Workers {
             sem: Arc::new(Semaphore::new(size)),
-            inflight: Arc::default(),
+            leases: Arc::default(),
             saturated: AtomicBool::new(false),
         }
     }
@@ -78,14 +82,14 @@ impl Workers {
     }
 }
 
-/// Handle an item leased to this process on a worker, then go on with its run while its
-/// next item comes back leased from the commit of this one's result.
-pub fn spawn(engine: Arc<Engine>, permit: OwnedSemaphorePermit, item: QueueItem) {
+/// Handle an item leased to this process until `lease_until` on a worker, then go on with
+/// its run while its next item comes back leased from the commit of this one's result.
+pub fn spawn(engine: Arc<Engine>, permit: OwnedSemaphorePermit, item: QueueItem, lease_until: i64) {
     tokio::spawn(async move {
         let run_id = item.run_id.clone();
-        let mut item = Some(item);
-        while let Some(current) = item.take() {
-            let _guard = InFlight::enter(&engine.workers.inflight, &current.id);
+        let mut item = Some((item, lease_until));
+        while let Some((current, until)) = item.take() {
+            let _guard = InFlight::enter(&engine.workers.leases, &current.id, until);
             let go_on = !*engine.shutdown.borrow();
             item = crate::executor::handle(engine.clone(), current, go_on).await;
         }
@@ -100,8 +104,7 @@ pub fn spawn(engine: Arc<Engine>, permit: OwnedSemaphorePermit, item: QueueItem)
 /// Run the worker loop until shutdown, then wait for in-flight items.
 pub async fn run_workers(engine: Arc<Engine>) {
     let sem = engine.workers.sem.clone();
-    let inflight = engine.workers.inflight.clone();
-    let renewer = tokio::spawn(renew_leases(engine.clone(), inflight.clone()));
+    let renewer = tokio::spawn(renew_leases(engine.clone()));
     let mut shutdown = engine.shutdown.clone();
     loop {
         if *shutdown.borrow() {
@@ -139,7 +142,7 @@ pub async fn run_workers(engine: Arc<Engine>) {
                     let Ok(permit) = sem.clone().acquire_owned().await else {
                         break;
                     };
-                    spawn(engine.clone(), permit, item);
+                    spawn(engine.clone(), permit, item, lease_until);
                 }
                 if claimed == free {
                     continue;
@@ -173,17 +176,159 @@ pub async fn run_workers(engine: Arc<Engine>) {
     renewer.abort();
 }
 
-async fn renew_leases(engine: Arc<Engine>, inflight: Arc<Mutex<HashSet<String>>>) {
+async fn renew_leases(engine: Arc<Engine>) {
     let every = (engine.config.lease / 3).max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(every).await;
-        let ids: Vec<String> = inflight.lock().iter().cloned().collect();
+        let ids: Vec<String> = engine.workers.leases.lock().keys().cloned().collect();
         if ids.is_empty() {
             continue;
         }
         let until = engine.now() + engine.config.lease.as_millis() as i64;
-        if let Err(e) = engine.store.renew(&engine.owner, ids, until).await {
-            tracing::warn!(error = %e, "renewing leases");
+        match engine.store.renew(&engine.owner, ids, until).await {
+            Ok(held) => confirm(&engine.workers.leases, held, until),
+            Err(e) => tracing::warn!(error = %e, "renewing leases"),
         }
+    }
+}
+
+/// Record that the store holds `ids` for this process until `until`.
+fn confirm(leases: &Leases, ids: Vec<String>, until: i64) {
+    let mut leases = leases.lock();
+    for id in ids {
+        if let Some(u) = leases.get_mut(&id) {
+            *u = (*u).max(until);
+        }
+    }
+}
+
+/// Whether this process may still hand item `id` to the app: its lease must outlast the
+/// call's way there by a margin of half a lease. A call sent on a lapsed lease could reach
+/// the app after another node has taken the item over and committed the step it runs, and
+/// so run a memoised step again. A lease nearer its end than the margin is renewed first;
+/// `false` means it is no longer this process's (or the store could not say).
+pub async fn lease_held(engine: &Engine, id: &str) -> bool {
+    let lease = engine.config.lease.as_millis() as i64;
+    let now = engine.now();
+    let until = engine.workers.leases.lock().get(id).copied();
+    if until.is_some_and(|u| u - now >= lease / 2) {
+        return true;
+    }
+    let until = now + lease;
+    match engine
+        .store
+        .renew(&engine.owner, vec![id.to_string()], until)
+        .await
+    {
+        Ok(held) => {
+            let ok = !held.is_empty();
+            confirm(&engine.workers.leases, held, until);
+            ok
+        }
+        Err(e) => {
+            tracing::warn!(item = %id, error = %e, "renewing a lease before a call");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::{sqlite::SqliteStore, ItemKind, NewEvent, NewItem, NewRun};
+    use crate::{Config, Server};
+    use serde_json::json;
+
+    /// An item of a new run, due at `due`, claimed by `owner` as a worker would claim it,
+    /// until `until`.
+    async fn claimed_item(engine: &Engine, owner: &str, due: i64, until: i64) -> String {
+        let store = &engine.store;
+        let id = ulid::Ulid::new().to_string();
+        store
+            .insert_events(vec![NewEvent {
+                internal_id: id.clone(),
+                event: json!({"name": "t/start", "id": id, "data": {}, "ts": 1}),
+                received_at: 1,
+                target_fn: None,
+            }])
+            .await
+            .unwrap();
+        let stored = store.unprocessed_events(1).await.unwrap().remove(0);
+        let run = NewRun {
+            run_id: "RUN".into(),
+            fn_slug: "app-fn".into(),
+            idem_key: stored.internal_id.clone(),
+            events: vec![stored.event.clone()],
+            trigger_internal_id: stored.internal_id.clone(),
+            created_at: 1,
+            items: vec![NewItem {
+                id: "RUN:start".into(),
+                run_id: "RUN".into(),
+                kind: ItemKind::Call {
+                    step: None,
+                    predecessor: None,
+                },
+                available_at: due,
+                unless_memo: None,
+            }],
+            pauses: vec![],
+            flow: Default::default(),
+        };
+        store
+            .apply_event(stored, vec![run], vec![], engine.pause_matcher(), 1)
+            .await
+            .unwrap();
+        let items = store.claim(owner, due, until, 1).await.unwrap();
+        items[0].id.clone()
+    }
+
+    /// A call goes out on a lease with at least half its length left; a shorter one is
+    /// renewed first, and one another process has taken over stops the call.
+    #[tokio::test]
+    async fn a_call_goes_out_only_on_a_lease_this_process_still_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path().join("s.db")).unwrap());
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let mut config = Config::dev("127.0.0.1:0".parse().unwrap());
+        config.lease = Duration::from_secs(10);
+        // No workers: the engine's own loop must not claim the item the test plays with.
+        config.max_concurrency = 0;
+        let server = Server::start_with_clock(config, store, clock.clone())
+            .await
+            .unwrap();
+        let engine = server.engine().clone();
+        let now = 1_000_000;
+        let id = claimed_item(&engine, &engine.owner, now, now + 10_000).await;
+        let leases = &engine.workers.leases;
+
+        // Plenty left: no renewal needed.
+        let _in_flight = InFlight::enter(leases, &id, now + 10_000);
+        assert!(lease_held(&engine, &id).await);
+        assert_eq!(leases.lock()[&id], now + 10_000);
+
+        // Less than half left: renewed in the store, then the call may go.
+        clock.set(now + 6_000);
+        assert!(lease_held(&engine, &id).await);
+        assert_eq!(leases.lock()[&id], now + 16_000);
+        assert!(engine
+            .store
+            .claim("B", now + 15_000, now + 30_000, 1)
+            .await
+            .unwrap()
+            .is_empty());
+
+        // Lapsed and taken over by another process: no call.
+        clock.set(now + 16_000);
+        let taken = engine
+            .store
+            .claim("B", now + 16_001, now + 40_000, 1)
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), 1);
+        clock.set(now + 16_002);
+        assert!(!lease_held(&engine, &id).await);
+        assert_eq!(leases.lock()[&id], now + 16_000);
+        server.shutdown().await;
     }
 }

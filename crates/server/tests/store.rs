@@ -117,6 +117,7 @@ macro_rules! both_backends {
 both_backends!(
     events_survive_reopen_and_stay_unprocessed_until_applied,
     memo_first_write_wins_and_lease_guards_results,
+    a_lease_is_renewed_only_while_its_holder_still_has_it,
     pause_created_after_event_is_still_resumed,
     finishing_a_run_clears_work_and_queues_finalisation,
     a_result_that_ends_the_run_applies_its_lifecycle_events_in_the_same_commit,
@@ -329,6 +330,48 @@ async fn memo_first_write_wins_and_lease_guards_results(db: &Db) {
         vec![("h1".to_string(), MemoJson::new(&json!({"data": "first"})))]
     );
     assert_eq!(store.queue_depth().await.unwrap(), 0);
+}
+
+/// Renewing tells the holder which of its items are still its own: one whose lease lapsed
+/// and was taken over, or that has gone, is not renewed and not returned. A lapsed lease
+/// nobody has taken yet is still its holder's.
+async fn a_lease_is_renewed_only_while_its_holder_still_has_it(db: &Db) {
+    let store = db.open().await;
+    let run = make_run(&*store, "RUNL").await;
+    let items = store.claim("A", 10, 1000, 10).await.unwrap();
+    let id = items[0].id.clone();
+    let renewed = store
+        .renew("A", vec![id.clone(), "no-such-item".into()], 1500)
+        .await
+        .unwrap();
+    assert_eq!(renewed, vec![id.clone()]);
+    assert!(store.claim("B", 1200, 2200, 10).await.unwrap().is_empty());
+    // Lapsed at 1500 but not taken: renewing keeps it A's.
+    assert_eq!(
+        store.renew("A", vec![id.clone()], 2500).await.unwrap(),
+        vec![id.clone()]
+    );
+    assert!(store.claim("B", 2000, 3000, 10).await.unwrap().is_empty());
+    // Taken over after it lapsed again: A's renewal neither succeeds nor moves B's lease.
+    assert_eq!(store.claim("B", 2600, 4000, 10).await.unwrap().len(), 1);
+    assert!(store
+        .renew("A", vec![id.clone()], 9000)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.next_due().await.unwrap(), Some(4000));
+    assert_eq!(
+        store.renew("B", vec![id.clone()], 5000).await.unwrap(),
+        vec![id.clone()]
+    );
+    // Gone once its result is applied.
+    let done = Apply {
+        item: Some((id.clone(), "B".into())),
+        run_id: run,
+        ..Default::default()
+    };
+    store.apply(done, matcher(), 2700).await.unwrap();
+    assert!(store.renew("B", vec![id], 6000).await.unwrap().is_empty());
 }
 
 async fn pause_created_after_event_is_still_resumed(db: &Db) {

@@ -929,8 +929,14 @@ pub trait Store: Send + Sync + 'static {
         };
         Ok((items, next))
     }
-    /// Extend leases still held by `owner`.
-    async fn renew(&self, owner: &str, ids: Vec<String>, lease_until: i64) -> StoreResult<()>;
+    /// Extend the leases of `ids` that `owner` still holds, and return those ids: an id left
+    /// out was taken over by another process (its lease had lapsed) or has gone.
+    async fn renew(
+        &self,
+        owner: &str,
+        ids: Vec<String>,
+        lease_until: i64,
+    ) -> StoreResult<Vec<String>>;
     /// Give an item back without changing its attempt (shutdown).
     async fn release(&self, owner: &str, id: &str) -> StoreResult<()>;
     /// Earliest time any item becomes claimable (due or lease expiry).

@@ -85,6 +85,9 @@ pub struct Counters {
     pub seen: HashMap<String, std::collections::HashSet<String>>,
     /// Descriptions of lost memos.
     pub violations: Vec<String>,
+    /// Each run's calls in arrival order (milliseconds since the app started, queue item,
+    /// attempt, memos carried), so a lost memo can be told from a stale call.
+    pub history: HashMap<String, Vec<(u128, String, u32, usize)>>,
     /// Calls refused for a bad signature.
     pub bad_signatures: usize,
     /// Bodies, server-kind and sync-kind headers of sync PUTs received.
@@ -103,6 +106,8 @@ struct AppState {
     /// Where to POST /fn/register when a sync PUT arrives.
     server: Arc<Mutex<Option<String>>>,
     register: Arc<Mutex<Value>>,
+    /// When the app started: calls are timed from here.
+    started: std::time::Instant,
 }
 
 pub struct FakeApp {
@@ -134,6 +139,7 @@ impl FakeApp {
             key: key.map(str::to_string),
             server: server.clone(),
             register: register.clone(),
+            started: std::time::Instant::now(),
         };
         let router = Router::new()
             .route("/api/inngest", post(handle).put(sync))
@@ -285,10 +291,18 @@ async fn handle(
         let mut c = st.counters.lock();
         *c.calls.entry(slug.clone()).or_default() += 1;
         let run = req.ctx.run_id.clone();
+        c.history.entry(run.clone()).or_default().push((
+            st.started.elapsed().as_millis(),
+            req.ctx.qi_id.clone().unwrap_or_default(),
+            req.ctx.attempt,
+            req.steps.len(),
+        ));
         let seen = c.seen.entry(run.clone()).or_default().clone();
         for h in &seen {
             if !req.steps.contains_key(h) {
-                c.violations.push(format!("run {run}: memo {h} missing"));
+                let calls = format!("{:?}", c.history[&run]);
+                c.violations
+                    .push(format!("run {run}: memo {h} missing; calls: {calls}"));
             }
         }
         c.seen

@@ -161,7 +161,7 @@ const MAX_RETRIES: u32 = 8;
 /// How to connect to PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PgOptions {
-    /// Connections kept in the pool (per process).
+    /// Connections kept in the pool (per process). Lease renewals use one more of their own.
     pub pool_size: usize,
     /// Server-side limit on any one statement, set on every connection.
     pub statement_timeout: Duration,
@@ -183,6 +183,8 @@ impl Default for PgOptions {
 /// PostgreSQL-backed store. Cheap to share behind an `Arc`; see the module docs.
 pub struct PostgresStore {
     pool: Pool,
+    /// One connection for lease renewals alone (see [`Store::renew`]).
+    lease_pool: Pool,
     /// This process among the nodes sharing the database, for [`Store::watch_run`].
     node: String,
     /// When this process last re-checked parked queue items, unix ms.
@@ -1425,14 +1427,24 @@ impl PostgresStore {
             cfg.connect_timeout(Duration::from_secs(10));
         }
         let listen_cfg = cfg.clone();
-        let mgr = Manager::from_config(
-            cfg,
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(mgr)
+        let manager = |cfg| {
+            Manager::from_config(
+                cfg,
+                tokio_postgres::NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            )
+        };
+        // Connected on first use, so a node that never holds a lease never opens it.
+        let lease_pool = Pool::builder(manager(cfg.clone()))
+            .max_size(1)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(Duration::from_secs(15)))
+            .wait_timeout(Some(Duration::from_secs(60)))
+            .build()
+            .map_err(|e| StoreError::Unusable(format!("PostgreSQL pool: {e}")))?;
+        let pool = Pool::builder(manager(cfg))
             .max_size(opts.pool_size.max(1))
             // The most recently used connection first: the same few backends serve the
             // load while the rest of the pool stays idle, so their caches (and the machine's)
@@ -1522,6 +1534,7 @@ impl PostgresStore {
         drop(client);
         Ok(PostgresStore {
             pool,
+            lease_pool,
             node: ulid::Ulid::new().to_string(),
             last_repair: Default::default(),
             listen_cfg,
@@ -2054,19 +2067,28 @@ impl Store for PostgresStore {
         Ok((items, next))
     }
 
-    async fn renew(&self, owner: &str, ids: Vec<String>, lease_until: i64) -> StoreResult<()> {
+    async fn renew(
+        &self,
+        owner: &str,
+        ids: Vec<String>,
+        lease_until: i64,
+    ) -> StoreResult<Vec<String>> {
         if ids.is_empty() {
-            return Ok(());
+            return Ok(ids);
         }
-        let c = self.client().await?;
+        // Not from the shared pool: behind a busy pool's queue a renewal can wait longer than
+        // the lease, and another node would take over items this one is still working on.
+        let c = self.lease_pool.get().await.map_err(|e| {
+            StoreError::Backend(format!("PostgreSQL connection: {}", pool_message(&e)))
+        })?;
         // One statement is one transaction.
-        exec(
+        let rows = query(
             &c,
-            "UPDATE queue SET due_at=$1 WHERE id = ANY($2) AND lease_owner=$3",
+            "UPDATE queue SET due_at=$1 WHERE id = ANY($2) AND lease_owner=$3 RETURNING id",
             &[&lease_until, &ids, &owner],
         )
         .await?;
-        Ok(())
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     async fn release(&self, owner: &str, id: &str) -> StoreResult<()> {

@@ -1385,15 +1385,25 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn renew(&self, owner: &str, ids: Vec<String>, lease_until: i64) -> StoreResult<()> {
+    async fn renew(
+        &self,
+        owner: &str,
+        ids: Vec<String>,
+        lease_until: i64,
+    ) -> StoreResult<Vec<String>> {
         let owner = owner.to_string();
         self.write(move |conn| {
+            let mut held = Vec::with_capacity(ids.len());
             for id in &ids {
-                conn.prepare_cached("UPDATE queue SET due_at=? WHERE id=? AND lease_owner=?")
+                let n = conn
+                    .prepare_cached("UPDATE queue SET due_at=? WHERE id=? AND lease_owner=?")
                     .and_then(|mut s| s.execute(params![lease_until, id, owner]))
                     .map_err(be)?;
+                if n == 1 {
+                    held.push(id.clone());
+                }
             }
-            Ok(())
+            Ok(held)
         })
         .await
     }
