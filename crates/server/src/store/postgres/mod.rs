@@ -327,24 +327,20 @@ fn retryable(e: &E) -> bool {
     }
 }
 
-/// Runs `$body` (an expression using the transaction `$tx`, evaluating to `R<T>`) in one
-/// transaction, committing on `Ok` and re-running it from scratch on a deadlock or
-/// serialisation failure. The body may run more than once: it must only borrow its inputs.
+/// Runs `$body` (an expression using `$tx`, a connection inside an open transaction block,
+/// evaluating to `R<T>`) in one transaction, committing on `Ok` and re-running it from
+/// scratch on a deadlock or serialisation failure. The body may run more than once: it must
+/// only borrow its inputs.
 macro_rules! in_tx {
     ($self:expr, |$tx:ident| $body:expr) => {{
-        let mut client = $self.client().await?;
+        let conn = TxConn::new($self.client().await?);
         let mut tries = 0u32;
         loop {
             count(2); // BEGIN and COMMIT (or ROLLBACK)
-            let $tx = client.transaction().await.map_err(E::from)?;
-            let out: R<_> = async { $body }.await;
-            let out = match out {
-                Ok(v) => $tx.commit().await.map(|_| v).map_err(E::from),
-                Err(e) => Err(e),
-            };
-            match out {
+            let $tx = conn.client();
+            match conn.block(async { $body }).await {
                 Ok(v) => break Ok(v),
-                Err(e) if retryable(&e) && tries < MAX_RETRIES => {
+                Err(e) if retryable(&e) && tries < MAX_RETRIES && !conn.in_block() => {
                     tries += 1;
                     // Spread the retries of the transactions that collided.
                     let ms = rand::random::<u64>() % (5 << tries.min(5));
@@ -354,6 +350,78 @@ macro_rules! in_tx {
             }
         }
     }};
+}
+
+/// A pooled connection for transaction blocks whose `BEGIN` costs no round trip of its own:
+/// it is queued on the connection right before the block's first statement and answered
+/// with it. (`Client::transaction` waits for `BEGIN`'s answer first, which on the hot path
+/// was one round trip, and one wake-up of this process and of the server, in every ten.)
+///
+/// Dropped in the middle of a block (its caller's future was cancelled, or the body
+/// panicked), the connection is closed instead of going back to the pool: closing it rolls
+/// the block back, and a pooled connection must never hand an open block to its next user.
+struct TxConn {
+    conn: Option<deadpool_postgres::Object>,
+    in_block: std::sync::atomic::AtomicBool,
+}
+
+impl TxConn {
+    fn new(conn: deadpool_postgres::Object) -> Self {
+        TxConn {
+            conn: Some(conn),
+            in_block: false.into(),
+        }
+    }
+
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.conn.as_ref().expect("taken only when dropped")
+    }
+
+    /// Whether a block is (or may still be) open: its end was not answered.
+    fn in_block(&self) -> bool {
+        self.in_block.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Runs `body`, whose statements go to [`Self::client`], as one transaction block:
+    /// committed when it returns `Ok`, rolled back when it returns `Err`.
+    async fn block<T>(&self, body: impl std::future::Future<Output = R<T>>) -> R<T> {
+        let c = self.client();
+        self.in_block
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // `join` polls `BEGIN` first, which queues it ahead of anything the body sends. The
+        // two are driven together, not one after the other, because the connection stops
+        // reading once an answer waits unread.
+        let (began, out) = futures::future::join(c.batch_execute("BEGIN"), body).await;
+        // A failed BEGIN leaves the block's state unknown: the connection is dropped.
+        began?;
+        let end = c
+            .batch_execute(if out.is_ok() { "COMMIT" } else { "ROLLBACK" })
+            .await;
+        match end {
+            Ok(()) => {
+                self.in_block
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                out
+            }
+            // The server answered, so the block is over (a failed COMMIT rolls it back).
+            Err(e) if e.as_db_error().is_some() => {
+                self.in_block
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                out.and(Err(e.into()))
+            }
+            Err(e) => out.and(Err(e.into())),
+        }
+    }
+}
+
+impl Drop for TxConn {
+    fn drop(&mut self) {
+        if *self.in_block.get_mut() {
+            if let Some(conn) = self.conn.take() {
+                drop(deadpool_postgres::Object::take(conn));
+            }
+        }
+    }
 }
 
 /// Statements this process has sent (BEGIN and COMMIT included), across all stores.
@@ -1374,7 +1442,7 @@ impl PostgresStore {
         // handed out even if it fails, rather than left to expire unworked.
         let rest = limit - items.len();
         let more: StoreResult<Vec<QueueItem>> = in_tx!(self, |tx| flow::claim(
-            &tx,
+            tx,
             owner,
             now,
             lease_until,
@@ -1578,7 +1646,7 @@ impl Store for PostgresStore {
         in_tx!(self, |tx| {
             let mut out = Vec::with_capacity(events.len());
             for e in &events {
-                out.push(insert_event(&tx, e).await?);
+                out.push(insert_event(tx, e).await?);
             }
             Ok(out)
         })
@@ -1624,12 +1692,12 @@ impl Store for PostgresStore {
         now: i64,
     ) -> StoreResult<Vec<String>> {
         in_tx!(self, |tx| {
-            lock_shared(&tx, &event_lock(&event.name)).await?;
+            lock_shared(tx, &event_lock(&event.name)).await?;
             // The name lock is shared, so the event's row decides who applies it: a node
             // finding it taken (or already processed) leaves it to the other. Should the
             // other roll back, the event is still unprocessed and is picked up again.
             let state = query_opt(
-                &tx,
+                tx,
                 "SELECT processed, xid FROM events WHERE seq=$1 FOR UPDATE SKIP LOCKED",
                 &[&event.seq],
             )
@@ -1638,18 +1706,11 @@ impl Store for PostgresStore {
                 Some(r) if !r.get::<_, bool>(0) => r.get(1),
                 _ => return Ok(Vec::new()),
             };
-            let applied = apply_stored_event(
-                &tx,
-                &event,
-                xid,
-                &runs,
-                &extra_events,
-                matcher.as_ref(),
-                now,
-            )
-            .await?;
+            let applied =
+                apply_stored_event(tx, &event, xid, &runs, &extra_events, matcher.as_ref(), now)
+                    .await?;
             exec(
-                &tx,
+                tx,
                 "UPDATE events SET processed=true WHERE seq=$1",
                 &[&event.seq],
             )
@@ -1671,7 +1732,7 @@ impl Store for PostgresStore {
             let mut leased = Vec::new();
             for (e, runs) in &events {
                 let Some(applied) =
-                    insert_and_apply_event(&tx, e, runs, matcher.as_ref(), now).await?
+                    insert_and_apply_event(tx, e, runs, matcher.as_ref(), now).await?
                 else {
                     left.matcher = true;
                     continue;
@@ -1679,7 +1740,7 @@ impl Store for PostgresStore {
                 left.queue |= left_for_queue(runs, &applied);
                 for run_id in applied.runs {
                     let next = if leased.len() < *max {
-                        lease_next(&tx, &run_id, owner, now, *lease_until).await?
+                        lease_next(tx, &run_id, owner, now, *lease_until).await?
                     } else {
                         None
                     };
@@ -1777,9 +1838,9 @@ impl Store for PostgresStore {
     async fn sync_app(&self, app: AppRecord, functions: Vec<FunctionRecord>) -> StoreResult<bool> {
         in_tx!(self, |tx| {
             // Two nodes syncing one app at once: one after the other, each sees the other.
-            lock(&tx, &format!("cairn:app:{}", app.name)).await?;
+            lock(tx, &format!("cairn:app:{}", app.name)).await?;
             let old = query_opt(
-                &tx,
+                tx,
                 "SELECT checksum, url FROM apps WHERE name=$1",
                 &[&app.name],
             )
@@ -1788,17 +1849,17 @@ impl Store for PostgresStore {
                 .map(|r| r.get::<_, &str>(0) != app.checksum || r.get::<_, &str>(1) != app.url)
                 .unwrap_or(true);
             exec(
-                &tx,
+                tx,
                 "INSERT INTO apps(name, url, sdk, checksum, synced_at) VALUES ($1,$2,$3,$4,$5)
                  ON CONFLICT (name) DO UPDATE SET url=excluded.url, sdk=excluded.sdk,
                  checksum=excluded.checksum, synced_at=excluded.synced_at",
                 &[&app.name, &app.url, &app.sdk, &app.checksum, &app.synced_at],
             )
             .await?;
-            exec(&tx, "DELETE FROM functions WHERE app=$1", &[&app.name]).await?;
+            exec(tx, "DELETE FROM functions WHERE app=$1", &[&app.name]).await?;
             for f in &functions {
                 exec(
-                    &tx,
+                    tx,
                     "INSERT INTO functions(slug, app, config) VALUES ($1,$2,$3)
                      ON CONFLICT (slug) DO UPDATE SET app=excluded.app, config=excluded.config",
                     &[&f.slug, &f.app, &j(&f.config)],
@@ -1927,7 +1988,7 @@ impl Store for PostgresStore {
             }
         }
         in_tx!(self, |tx| apply_inner(
-            &tx,
+            tx,
             &apply,
             matcher.as_ref(),
             now,
@@ -1959,14 +2020,14 @@ impl Store for PostgresStore {
             }
         }
         in_tx!(self, |tx| {
-            let left = apply_inner(&tx, &apply, matcher.as_ref(), now, &self.node).await?;
+            let left = apply_inner(tx, &apply, matcher.as_ref(), now, &self.node).await?;
             // An end that brought its lifecycle events leaves the run no item (not even
             // finalisation's): nothing to look for.
             let ended = apply.finish.is_some() && apply.lifecycle.is_some();
             let next = if ended {
                 None
             } else {
-                lease_next(&tx, &apply.run_id, owner, now, lease_until).await?
+                lease_next(tx, &apply.run_id, owner, now, lease_until).await?
             };
             Ok((next, left))
         })
@@ -2036,8 +2097,8 @@ impl Store for PostgresStore {
             output: serde_json::json!({"error": "cancelled", "name": "Cancelled", "message": "run cancelled via API"}),
         };
         in_tx!(self, |tx| {
-            lock_run(&tx, run_id).await?;
-            finish_run(&tx, run_id, &finish, now, true, Announce::Everywhere).await
+            lock_run(tx, run_id).await?;
+            finish_run(tx, run_id, &finish, now, true, Announce::Everywhere).await
         })
     }
 
@@ -2093,15 +2154,15 @@ impl Store for PostgresStore {
 
     async fn release(&self, owner: &str, id: &str) -> StoreResult<()> {
         in_tx!(self, |tx| {
-            let keys = flow::item_keys(&tx, id).await?;
+            let keys = flow::item_keys(tx, id).await?;
             let n = exec(
-                &tx,
+                tx,
                 "UPDATE queue SET lease_owner=NULL, due_at=available_at WHERE id=$1 AND lease_owner=$2",
                 &[&id, &owner],
             )
             .await?;
             if n == 1 {
-                flow::free_all(&tx, &keys).await?;
+                flow::free_all(tx, &keys).await?;
             }
             Ok(())
         })
@@ -2128,7 +2189,7 @@ impl Store for PostgresStore {
         in_tx!(self, |tx| {
             // Bounded batches keep each transaction short.
             let ended = query(
-                &tx,
+                tx,
                 "SELECT run_id FROM runs WHERE status <> 'Running' AND ended_at < $1 LIMIT 5000",
                 &[&before],
             )
@@ -2136,10 +2197,10 @@ impl Store for PostgresStore {
             .iter()
             .map(|r| r.get::<_, String>(0))
             .collect::<Vec<_>>();
-            exec(&tx, "DELETE FROM steps WHERE run_id = ANY($1)", &[&ended]).await?;
-            let runs = exec(&tx, "DELETE FROM runs WHERE run_id = ANY($1)", &[&ended]).await?;
+            exec(tx, "DELETE FROM steps WHERE run_id = ANY($1)", &[&ended]).await?;
+            let runs = exec(tx, "DELETE FROM runs WHERE run_id = ANY($1)", &[&ended]).await?;
             let events = exec(
-                &tx,
+                tx,
                 "DELETE FROM events WHERE seq IN (SELECT seq FROM events
                  WHERE processed AND received_at < $1 LIMIT 5000)",
                 &[&before],
@@ -2147,10 +2208,10 @@ impl Store for PostgresStore {
             .await?;
             // Flow-control leftovers: limits whose window has passed, old skip records,
             // batch links of runs that are gone.
-            exec(&tx, "DELETE FROM gcra WHERE tat < $1", &[&before]).await?;
-            exec(&tx, "DELETE FROM skips WHERE at < $1", &[&before]).await?;
+            exec(tx, "DELETE FROM gcra WHERE tat < $1", &[&before]).await?;
+            exec(tx, "DELETE FROM skips WHERE at < $1", &[&before]).await?;
             exec(
-                &tx,
+                tx,
                 "DELETE FROM run_triggers WHERE ctid IN (SELECT t.ctid FROM run_triggers t
                  LEFT JOIN runs r ON r.run_id = t.run_id WHERE r.run_id IS NULL LIMIT 5000)",
                 &[],
@@ -2182,7 +2243,7 @@ impl Store for PostgresStore {
             // Two nodes firing the same tick: the second waits on the first's row, then
             // finds the tick no longer newer and fires nothing.
             let n = exec(
-                &tx,
+                tx,
                 "INSERT INTO cron(fn_slug, schedule, last_tick) VALUES ($1,$2,$3)
                  ON CONFLICT (fn_slug, schedule) DO UPDATE SET last_tick=excluded.last_tick
                  WHERE cron.last_tick < excluded.last_tick",
@@ -2193,9 +2254,93 @@ impl Store for PostgresStore {
                 return Ok(false);
             }
             if let Some(e) = &event {
-                insert_event(&tx, e).await?;
+                insert_event(tx, e).await?;
             }
             Ok(true)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store with a one-connection pool on a fresh schema of the test database (see
+    /// `tests/pg_support`), and that schema's name.
+    async fn one_connection_store() -> (PostgresStore, String) {
+        let url = std::env::var("CAIRN_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let schema = format!(
+            "cairn_unit_{}",
+            ulid::Ulid::new().to_string().to_lowercase()
+        );
+        let opts = PgOptions {
+            pool_size: 1,
+            schema: Some(schema.clone()),
+            ..Default::default()
+        };
+        let store = PostgresStore::connect(&url, opts)
+            .await
+            .expect("these tests need the PostgreSQL server of CAIRN_TEST_PG_URL");
+        (store, schema)
+    }
+
+    /// What is in `probe` and whether the pool's connection is outside any transaction
+    /// block (only inside one may a savepoint be set).
+    async fn probe(store: &PostgresStore) -> (Vec<i32>, bool) {
+        let c = store.client().await.unwrap();
+        let xs = c
+            .query("SELECT x FROM probe ORDER BY x", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let outside = match c.batch_execute("SAVEPOINT probe").await {
+            Ok(()) => false,
+            Err(e) if e.code() == Some(&SqlState::NO_ACTIVE_SQL_TRANSACTION) => true,
+            Err(e) => panic!("{e}"),
+        };
+        (xs, outside)
+    }
+
+    #[tokio::test]
+    async fn a_transaction_block_is_all_or_nothing_even_when_its_caller_goes_away() {
+        let (store, schema) = one_connection_store().await;
+        let c = store.client().await.unwrap();
+        c.batch_execute("CREATE TABLE probe(x int)").await.unwrap();
+        drop(c);
+        let store = &store;
+        let insert = |x: i32| async move {
+            let r: StoreResult<()> = in_tx!(store, |tx| {
+                exec(tx, "INSERT INTO probe VALUES ($1)", &[&x]).await?;
+                match x {
+                    1 => Ok(()),
+                    2 => Err(E::Store(StoreError::Backend("the body failed".into()))),
+                    _ => std::future::pending().await,
+                }
+            });
+            r
+        };
+
+        insert(1).await.unwrap();
+        assert_eq!(probe(store).await, (vec![1], true));
+
+        // Had BEGIN reached the server after the body's first statement (prepared by now,
+        // so sent at once), that statement would have committed on its own.
+        let failed = insert(2).await;
+        assert!(failed.is_err());
+        assert_eq!(probe(store).await, (vec![1], true));
+
+        // Cancelled after its insert: the connection is closed (the pool's only one), not
+        // handed on with the block open, and the next user gets a fresh one.
+        let cancelled = tokio::time::timeout(Duration::from_millis(300), insert(3)).await;
+        assert!(cancelled.is_err(), "the block never ends by itself");
+        assert_eq!(probe(store).await, (vec![1], true));
+
+        let c = store.client().await.unwrap();
+        c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
     }
 }
