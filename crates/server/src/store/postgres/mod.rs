@@ -663,14 +663,18 @@ async fn insert_and_apply_event<C: GenericClient>(
     now: i64,
 ) -> R<Option<EventApplied>> {
     let name = e.name();
-    lock_shared(c, &event_lock(name)).await?;
-    let backlog = query_opt(
-        c,
-        "SELECT 1 FROM events WHERE NOT processed AND name=$1 LIMIT 1",
-        &[&name],
+    // The lock, then the look for a backlog, in one round trip: `try_join` polls, and so
+    // sends, them in order, and the server runs them in the order they arrive.
+    let (_, backlog) = futures::future::try_join(
+        lock_shared(c, &event_lock(name)),
+        query_opt(
+            c,
+            "SELECT 1 FROM events WHERE NOT processed AND name=$1 LIMIT 1",
+            &[&name],
+        ),
     )
-    .await?
-    .is_some();
+    .await?;
+    let backlog = backlog.is_some();
     if backlog {
         insert_event(c, e).await?;
         return Ok(None);
@@ -1023,37 +1027,51 @@ async fn apply_inner<C: GenericClient>(
             .collect();
         lock_all(c, &mut names).await?;
     }
+    // The handled item's row, the dispatched call's and the run's, locked in that order in
+    // one round trip: `try_join3` polls, and so sends, them in order, and the server runs
+    // them in the order they arrive.
+    let held = async {
+        match &a.item {
+            Some((id, _)) => {
+                query_opt(
+                    c,
+                    "SELECT lease_owner, ck1, ck2 FROM queue WHERE id=$1 FOR UPDATE",
+                    &[id],
+                )
+                .await
+            }
+            None => Ok(None),
+        }
+    };
+    let dispatched = async {
+        match &a.dispatch {
+            Some((id, _)) => {
+                query_opt(
+                    c,
+                    // The item must be this run's: a checkpoint names both.
+                    "SELECT available_at FROM queue WHERE id=$1 AND run_id=$2 FOR UPDATE",
+                    &[id, &a.run_id],
+                )
+                .await
+            }
+            None => Ok(None),
+        }
+    };
+    let (held, dispatched, run) =
+        futures::future::try_join3(held, dispatched, lock_run(c, &a.run_id)).await?;
     let mut item_keys: Vec<String> = Vec::new();
     if let Some((id, owner)) = &a.item {
-        let held = query_opt(
-            c,
-            "SELECT lease_owner, ck1, ck2 FROM queue WHERE id=$1 FOR UPDATE",
-            &[id],
-        )
-        .await?;
-        let Some(row) = held else {
+        let Some(row) = held.filter(|r| r.get::<_, Option<&str>>(0) == Some(owner.as_str())) else {
             return Err(StoreError::LeaseLost(id.clone()).into());
         };
-        if row.get::<_, Option<&str>>(0) != Some(owner.as_str()) {
-            return Err(StoreError::LeaseLost(id.clone()).into());
-        }
         item_keys.extend(row.get::<_, Option<String>>(1));
         item_keys.extend(row.get::<_, Option<String>>(2));
     }
     if let Some((id, at)) = &a.dispatch {
-        let current: Option<i64> = query_opt(
-            c,
-            // The item must be this run's: a checkpoint names both.
-            "SELECT available_at FROM queue WHERE id=$1 AND run_id=$2 FOR UPDATE",
-            &[id, &a.run_id],
-        )
-        .await?
-        .map(|r| r.get(0));
-        if current != Some(*at) {
+        if dispatched.map(|r| r.get::<_, i64>(0)) != Some(*at) {
             return Err(StoreError::LeaseLost(id.clone()).into());
         }
     }
-    let run = lock_run(c, &a.run_id).await?;
     let running = run
         .as_ref()
         .map(|r| r.status == RunStatus::Running)
@@ -1136,6 +1154,7 @@ async fn apply_inner<C: GenericClient>(
     if let Some(id) = &a.reset_attempt {
         exec(c, "UPDATE queue SET attempt=0 WHERE id=$1", &[id]).await?;
     }
+    let mut ended = false;
     if running {
         if let Some(f) = &a.finish {
             // The caller announces its own end (`Store::apply`).
@@ -1143,13 +1162,14 @@ async fn apply_inner<C: GenericClient>(
                 node,
                 owner: a.item.as_ref().map(|(_, owner)| owner.as_str()),
             };
-            let ended = finish_run(c, &a.run_id, f, now, a.lifecycle.is_none(), announce).await?;
+            ended = finish_run(c, &a.run_id, f, now, a.lifecycle.is_none(), announce).await?;
             if let (true, Some(events)) = (ended, &a.lifecycle) {
                 apply_lifecycle(c, events, matcher, now, &mut left).await?;
             }
         }
     }
-    if let Some((id, _)) = &a.item {
+    // An ended run's items went with it, this one among them, and their slots were freed.
+    if let Some((id, _)) = a.item.as_ref().filter(|_| !ended) {
         let n = match a.retry {
             Some((attempt, at)) if running && a.finish.is_none() => {
                 exec(
@@ -1161,7 +1181,6 @@ async fn apply_inner<C: GenericClient>(
             }
             _ => exec(c, "DELETE FROM queue WHERE id=$1", &[id]).await?,
         };
-        // When the run ended above, finish_run already freed this item's slots.
         if n == 1 {
             flow::free_all(c, &item_keys).await?;
         }
@@ -1692,14 +1711,17 @@ impl Store for PostgresStore {
         now: i64,
     ) -> StoreResult<Vec<String>> {
         in_tx!(self, |tx| {
-            lock_shared(tx, &event_lock(&event.name)).await?;
             // The name lock is shared, so the event's row decides who applies it: a node
             // finding it taken (or already processed) leaves it to the other. Should the
-            // other roll back, the event is still unprocessed and is picked up again.
-            let state = query_opt(
-                tx,
-                "SELECT processed, xid FROM events WHERE seq=$1 FOR UPDATE SKIP LOCKED",
-                &[&event.seq],
+            // other roll back, the event is still unprocessed and is picked up again. Both
+            // go in one round trip, in order (`try_join` polls, and so sends, in order).
+            let (_, state) = futures::future::try_join(
+                lock_shared(tx, &event_lock(&event.name)),
+                query_opt(
+                    tx,
+                    "SELECT processed, xid FROM events WHERE seq=$1 FOR UPDATE SKIP LOCKED",
+                    &[&event.seq],
+                ),
             )
             .await?;
             let xid: i64 = match &state {
