@@ -580,15 +580,37 @@ fn item_kind(s: &str) -> ItemKind {
     serde_json::from_str(s).unwrap_or(ItemKind::Finalize)
 }
 
+/// The pauses a stored event of `name` may resume other than by correlation: waits started
+/// before the transaction that stored it ended (its `xid`; see [`Store::event_high_water`])
+/// and cancel rules created before it. The event is named by its internal id, not by its
+/// sequence number, so that this look can be sent together with the statement storing it.
+/// Run under the event name's lock: no pause of that name is created meanwhile.
+async fn pauses_for_event<C: GenericClient>(c: &C, name: &str, internal_id: &str) -> R<Vec<Pause>> {
+    Ok(query(
+        c,
+        &format!(
+            "SELECT {PAUSE_COLS} FROM pauses,
+               (SELECT seq, xid FROM events WHERE internal_id=$2) AS e
+             WHERE event_name=$1 AND correlation IS NULL
+               AND (CASE WHEN kind = 'cancel' THEN since_seq < e.seq ELSE since_seq <= e.xid END)"
+        ),
+        &[&name, &internal_id],
+    )
+    .await?
+    .iter()
+    .map(row_pause)
+    .collect())
+}
+
 /// Applies a stored event inside the caller's transaction, which holds the event name's
 /// lock (shared): creates the planned runs, stores `extra_events` and resumes the pauses the
-/// event matches (waits started before transaction id `xid` ended; see
-/// [`Store::event_high_water`]). The caller marks the event processed.
+/// event matches, out of `pauses` (its [`pauses_for_event`]) and those waiting on its
+/// correlation id. The caller marks the event processed.
 #[allow(clippy::too_many_arguments)]
 async fn apply_stored_event<C: GenericClient>(
     tx: &C,
     event: &StoredEvent,
-    xid: i64,
+    mut pauses: Vec<Pause>,
     runs: &[NewRun],
     extra_events: &[NewEvent],
     matcher: &dyn PauseMatcher,
@@ -613,18 +635,6 @@ async fn apply_stored_event<C: GenericClient>(
                 .and_then(Value::as_str)
         })
         .flatten();
-    let mut pauses: Vec<Pause> = query(
-        tx,
-        &format!(
-            "SELECT {PAUSE_COLS} FROM pauses WHERE event_name=$1 AND correlation IS NULL
-                 AND (CASE WHEN kind = 'cancel' THEN since_seq < $2 ELSE since_seq <= $3 END)"
-        ),
-        &[&event.name, &event.seq, &xid],
-    )
-    .await?
-    .iter()
-    .map(row_pause)
-    .collect();
     if let Some(corr) = correlation {
         let by_corr = query(
             tx,
@@ -679,11 +689,18 @@ async fn insert_and_apply_event<C: GenericClient>(
         insert_event(c, e).await?;
         return Ok(None);
     }
-    let Some((seq, xid)) = insert_new_event(c, e, true).await? else {
+    // The event and the look for its pauses in one round trip (`try_join` polls, and so
+    // sends, in order): the look reads the row the insert wrote.
+    let (stored, pauses) = futures::future::try_join(
+        insert_new_event(c, e, true),
+        pauses_for_event(c, name, &e.internal_id),
+    )
+    .await?;
+    let Some((seq, _)) = stored else {
         return Ok(Some(EventApplied::default()));
     };
     let runs = runs_after(runs, seq);
-    apply_stored_event(c, &e.stored(seq), xid, &runs, &[], matcher, now)
+    apply_stored_event(c, &e.stored(seq), pauses, &runs, &[], matcher, now)
         .await
         .map(Some)
 }
@@ -1713,24 +1730,33 @@ impl Store for PostgresStore {
         in_tx!(self, |tx| {
             // The name lock is shared, so the event's row decides who applies it: a node
             // finding it taken (or already processed) leaves it to the other. Should the
-            // other roll back, the event is still unprocessed and is picked up again. Both
-            // go in one round trip, in order (`try_join` polls, and so sends, in order).
-            let (_, state) = futures::future::try_join(
+            // other roll back, the event is still unprocessed and is picked up again. The
+            // lock, the claim and the look for its pauses go in one round trip, in order
+            // (`try_join3` polls, and so sends, in order).
+            let (_, state, pauses) = futures::future::try_join3(
                 lock_shared(tx, &event_lock(&event.name)),
                 query_opt(
                     tx,
-                    "SELECT processed, xid FROM events WHERE seq=$1 FOR UPDATE SKIP LOCKED",
+                    "SELECT processed FROM events WHERE seq=$1 FOR UPDATE SKIP LOCKED",
                     &[&event.seq],
                 ),
+                pauses_for_event(tx, &event.name, &event.internal_id),
             )
             .await?;
-            let xid: i64 = match &state {
-                Some(r) if !r.get::<_, bool>(0) => r.get(1),
-                _ => return Ok(Vec::new()),
-            };
-            let applied =
-                apply_stored_event(tx, &event, xid, &runs, &extra_events, matcher.as_ref(), now)
-                    .await?;
+            // Taken by another node, or already processed.
+            if state.is_none_or(|r| r.get::<_, bool>(0)) {
+                return Ok(Vec::new());
+            }
+            let applied = apply_stored_event(
+                tx,
+                &event,
+                pauses,
+                &runs,
+                &extra_events,
+                matcher.as_ref(),
+                now,
+            )
+            .await?;
             exec(
                 tx,
                 "UPDATE events SET processed=true WHERE seq=$1",
