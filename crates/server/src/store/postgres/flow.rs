@@ -77,16 +77,20 @@ pub(super) async fn create_run<C: GenericClient>(
     now: i64,
     matcher: &dyn PauseMatcher,
 ) -> R<bool> {
-    // A redelivered event must not use up a rate limit or join a batch twice.
-    let seen = query_opt(
-        c,
-        "SELECT 1 FROM runs WHERE fn_slug=$1 AND idem_key=$2",
-        &[&r.fn_slug, &r.idem_key],
-    )
-    .await?
-    .is_some();
-    if seen {
-        return Ok(false);
+    // A redelivered event must not use up a rate limit or join a batch twice. Without flow
+    // control nothing is admitted before the insert, which is conditional on the same
+    // uniqueness: no look is needed then.
+    if !r.flow.is_none() {
+        let seen = query_opt(
+            c,
+            "SELECT 1 FROM runs WHERE fn_slug=$1 AND idem_key=$2",
+            &[&r.fn_slug, &r.idem_key],
+        )
+        .await?
+        .is_some();
+        if seen {
+            return Ok(false);
+        }
     }
     let start_id = start_item_id(&r.run_id);
     let mut start = (r.start_at(now), None);
