@@ -185,8 +185,12 @@ async fn renew_leases(engine: Arc<Engine>) {
             continue;
         }
         let until = engine.now() + engine.config.lease.as_millis() as i64;
+        let (asked, began) = (ids.len(), std::time::Instant::now());
         match engine.store.renew(&engine.owner, ids, until).await {
-            Ok(held) => confirm(&engine.workers.leases, held, until),
+            Ok(held) => {
+                tracing::debug!(asked, held = held.len(), took = ?began.elapsed(), "leases renewed");
+                confirm(&engine.workers.leases, held, until)
+            }
             Err(e) => tracing::warn!(error = %e, "renewing leases"),
         }
     }
