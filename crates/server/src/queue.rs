@@ -29,12 +29,20 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn enter(leases: &Leases, id: &str, until: i64) -> InFlight {
-        leases.lock().insert(id.to_string(), until);
-        InFlight {
+    /// `None` when the item is already being handled here. Two workers of this process can
+    /// be given the same item: a commit slow enough to return the run's next item leased
+    /// past its end lets the claim loop lease it again. Both would pass the lease check
+    /// (the owner is the same) and call the app twice; the first one keeps it.
+    fn enter(leases: &Leases, id: &str, until: i64) -> Option<InFlight> {
+        let mut held = leases.lock();
+        if held.contains_key(id) {
+            return None;
+        }
+        held.insert(id.to_string(), until);
+        Some(InFlight {
             leases: leases.clone(),
             id: id.to_string(),
-        }
+        })
     }
 }
 
@@ -89,7 +97,10 @@ pub fn spawn(engine: Arc<Engine>, permit: OwnedSemaphorePermit, item: QueueItem,
         let run_id = item.run_id.clone();
         let mut item = Some((item, lease_until));
         while let Some((current, until)) = item.take() {
-            let _guard = InFlight::enter(&engine.workers.leases, &current.id, until);
+            let Some(_guard) = InFlight::enter(&engine.workers.leases, &current.id, until) else {
+                tracing::debug!(item = %current.id, "already handled by another worker here");
+                break;
+            };
             let go_on = !*engine.shutdown.borrow();
             item = crate::executor::handle(engine.clone(), current, go_on).await;
         }
@@ -307,7 +318,10 @@ mod tests {
         let leases = &engine.workers.leases;
 
         // Plenty left: no renewal needed.
-        let _in_flight = InFlight::enter(leases, &id, now + 10_000);
+        let _in_flight = InFlight::enter(leases, &id, now + 10_000).unwrap();
+        // A second worker of this process given the same item does not handle it.
+        assert!(InFlight::enter(leases, &id, now + 12_000).is_none());
+        assert_eq!(leases.lock()[&id], now + 10_000);
         assert!(lease_held(&engine, &id).await);
         assert_eq!(leases.lock()[&id], now + 10_000);
 

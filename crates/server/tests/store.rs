@@ -843,6 +843,48 @@ async fn pg_migration_canonicalises_the_memos_of_running_runs() {
     db.cleanup().await;
 }
 
+/// A renewal does not wait for a queue row another transaction has locked: it renews the
+/// others at once and leaves that one to the next renewal. Waiting let one busy row hold back
+/// every lease of a node.
+#[tokio::test]
+async fn pg_a_renewal_skips_a_lease_another_transaction_is_changing() {
+    let (db, schema, mut client) = pg_schema_and_client().await;
+    let store = pg_open(&schema).await;
+    make_run(&store, "RUNA").await;
+    make_run(&store, "RUNB").await;
+    let ids: Vec<String> = store
+        .claim("A", 10, 1000, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    let tx = client.transaction().await.unwrap();
+    tx.execute(
+        &format!("SELECT 1 FROM {schema}.queue WHERE id = $1 FOR UPDATE"),
+        &[&ids[0]],
+    )
+    .await
+    .unwrap();
+    let renewed = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        store.renew("A", ids.clone(), 2000),
+    )
+    .await
+    .expect("the renewal waited for a locked row")
+    .unwrap();
+    assert_eq!(renewed, vec![ids[1].clone()]);
+    tx.rollback().await.unwrap();
+    let mut renewed = store.renew("A", ids.clone(), 3000).await.unwrap();
+    renewed.sort();
+    let mut all = ids;
+    all.sort();
+    assert_eq!(renewed, all);
+    drop(store);
+    db.cleanup().await;
+}
+
 #[tokio::test]
 async fn pg_refuses_a_newer_schema_and_names_an_unreachable_server() {
     let (db, schema, client) = pg_schema_and_client().await;

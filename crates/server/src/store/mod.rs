@@ -930,7 +930,9 @@ pub trait Store: Send + Sync + 'static {
         Ok((items, next))
     }
     /// Extend the leases of `ids` that `owner` still holds, and return those ids: an id left
-    /// out was taken over by another process (its lease had lapsed) or has gone.
+    /// out was taken over by another process (its lease had lapsed), has gone, or (on
+    /// PostgreSQL) was being changed by another transaction at that moment and is left to the
+    /// next renewal.
     async fn renew(
         &self,
         owner: &str,

@@ -2190,10 +2190,15 @@ impl Store for PostgresStore {
         let c = self.lease_pool.get().await.map_err(|e| {
             StoreError::Backend(format!("PostgreSQL connection: {}", pool_message(&e)))
         })?;
-        // One statement is one transaction.
+        // One statement is one transaction. Rows another transaction has locked (a result
+        // being applied, a wait being resumed) are skipped rather than waited for: one such
+        // row held the whole renewal back for a second under load, long enough for the other
+        // leases in it to lapse. A skipped lease is renewed next time if still held.
         let rows = query(
             &c,
-            "UPDATE queue SET due_at=$1 WHERE id = ANY($2) AND lease_owner=$3 RETURNING id",
+            "UPDATE queue SET due_at=$1 WHERE id IN (
+               SELECT id FROM queue WHERE id = ANY($2) AND lease_owner=$3 FOR UPDATE SKIP LOCKED)
+             RETURNING id",
             &[&lease_until, &ids, &owner],
         )
         .await?;
