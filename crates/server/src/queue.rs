@@ -140,6 +140,13 @@ pub async fn run_workers(engine: Arc<Engine>) {
             engine.workers.saturated.store(false, SeqCst);
             continue;
         }
+        // The workers are taken before the claim: an item claimed while none is free would sit
+        // unrenewed, its lease running out, until one is (ingest can take them meanwhile).
+        let permits = engine.workers.try_take(free);
+        let free = permits.len();
+        if free == 0 {
+            continue;
+        }
         let now = engine.now();
         let lease_until = now + engine.config.lease.as_millis() as i64;
         let next_due = match engine
@@ -149,10 +156,8 @@ pub async fn run_workers(engine: Arc<Engine>) {
         {
             Ok((items, next_due)) => {
                 let claimed = items.len();
-                for item in items {
-                    let Ok(permit) = sem.clone().acquire_owned().await else {
-                        break;
-                    };
+                // Workers left over go back to the pool as the permits drop.
+                for (item, permit) in items.into_iter().zip(permits) {
                     spawn(engine.clone(), permit, item, lease_until);
                 }
                 if claimed == free {
