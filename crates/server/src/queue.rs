@@ -260,28 +260,19 @@ mod tests {
     use crate::{Config, Server};
     use serde_json::json;
 
-    /// An item of a new run, due at `due`, claimed by `owner` as a worker would claim it,
-    /// until `until`.
-    async fn claimed_item(engine: &Engine, owner: &str, due: i64, until: i64) -> String {
-        let store = &engine.store;
+    /// The first item of a new run, leased to `owner` until `until` by the commit that
+    /// stores its event, as ingest leases it (one commit: the engine's own matcher never
+    /// sees the event).
+    async fn leased_item(engine: &Engine, owner: &str, now: i64, until: i64) -> String {
         let id = ulid::Ulid::new().to_string();
-        store
-            .insert_events(vec![NewEvent {
-                internal_id: id.clone(),
-                event: json!({"name": "t/start", "id": id, "data": {}, "ts": 1}),
-                received_at: 1,
-                target_fn: None,
-            }])
-            .await
-            .unwrap();
-        let stored = store.unprocessed_events(1).await.unwrap().remove(0);
+        let event = json!({"name": "t/start", "id": id, "data": {}, "ts": 1});
         let run = NewRun {
             run_id: "RUN".into(),
             fn_slug: "app-fn".into(),
-            idem_key: stored.internal_id.clone(),
-            events: vec![stored.event.clone()],
-            trigger_internal_id: stored.internal_id.clone(),
-            created_at: 1,
+            idem_key: id.clone(),
+            events: vec![event.clone()],
+            trigger_internal_id: id.clone(),
+            created_at: now,
             items: vec![NewItem {
                 id: "RUN:start".into(),
                 run_id: "RUN".into(),
@@ -289,18 +280,30 @@ mod tests {
                     step: None,
                     predecessor: None,
                 },
-                available_at: due,
+                available_at: now,
                 unless_memo: None,
             }],
             pauses: vec![],
             flow: Default::default(),
         };
-        store
-            .apply_event(stored, vec![run], vec![], engine.pause_matcher(), 1)
+        let stored = NewEvent {
+            internal_id: id,
+            event,
+            received_at: now,
+            target_fn: None,
+        };
+        let (leased, _) = engine
+            .store
+            .insert_and_apply(
+                vec![(stored, vec![run])],
+                engine.pause_matcher(),
+                now,
+                (owner.to_string(), until, 1),
+            )
             .await
             .unwrap();
-        let items = store.claim(owner, due, until, 1).await.unwrap();
-        items[0].id.clone()
+        assert_eq!(leased.len(), 1, "the run's first item comes back leased");
+        leased[0].id.clone()
     }
 
     /// A call goes out on a lease with at least half its length left; a shorter one is
@@ -311,7 +314,7 @@ mod tests {
         let store = Arc::new(SqliteStore::open(dir.path().join("s.db")).unwrap());
         let clock = Arc::new(ManualClock::new(1_000_000));
         let mut config = Config::dev("127.0.0.1:0".parse().unwrap());
-        config.lease = Duration::from_secs(10);
+        config.lease = Duration::from_secs(60);
         // No workers: the engine's own loop must not claim the item the test plays with.
         config.max_concurrency = 0;
         let server = Server::start_with_clock(config, store, clock.clone())
@@ -319,39 +322,39 @@ mod tests {
             .unwrap();
         let engine = server.engine().clone();
         let now = 1_000_000;
-        let id = claimed_item(&engine, &engine.owner, now, now + 10_000).await;
+        let id = leased_item(&engine, &engine.owner, now, now + 60_000).await;
         let leases = &engine.workers.leases;
 
         // Plenty left: no renewal needed.
-        let _in_flight = InFlight::enter(leases, &id, now + 10_000).unwrap();
+        let _in_flight = InFlight::enter(leases, &id, now + 60_000).unwrap();
         // A second worker of this process given the same item does not handle it.
-        assert!(InFlight::enter(leases, &id, now + 12_000).is_none());
-        assert_eq!(leases.lock()[&id], now + 10_000);
+        assert!(InFlight::enter(leases, &id, now + 62_000).is_none());
+        assert_eq!(leases.lock()[&id], now + 60_000);
         assert!(lease_held(&engine, &id).await);
-        assert_eq!(leases.lock()[&id], now + 10_000);
+        assert_eq!(leases.lock()[&id], now + 60_000);
 
         // Less than half left: renewed in the store, then the call may go.
-        clock.set(now + 6_000);
+        clock.set(now + 36_000);
         assert!(lease_held(&engine, &id).await);
-        assert_eq!(leases.lock()[&id], now + 16_000);
+        assert_eq!(leases.lock()[&id], now + 96_000);
         assert!(engine
             .store
-            .claim("B", now + 15_000, now + 30_000, 1)
+            .claim("B", now + 95_000, now + 120_000, 1)
             .await
             .unwrap()
             .is_empty());
 
         // Lapsed and taken over by another process: no call.
-        clock.set(now + 16_000);
+        clock.set(now + 96_000);
         let taken = engine
             .store
-            .claim("B", now + 16_001, now + 40_000, 1)
+            .claim("B", now + 96_001, now + 150_000, 1)
             .await
             .unwrap();
         assert_eq!(taken.len(), 1);
-        clock.set(now + 16_002);
+        clock.set(now + 96_002);
         assert!(!lease_held(&engine, &id).await);
-        assert_eq!(leases.lock()[&id], now + 16_000);
+        assert_eq!(leases.lock()[&id], now + 96_000);
         server.shutdown().await;
     }
 }
