@@ -237,7 +237,7 @@ async fn ingest(
     let mut permits = engine
         .workers
         .try_take(planned.iter().map(|(_, r)| r.len()).sum());
-    let lease_until = now + engine.config.lease.as_millis() as i64;
+    let lease_until = engine.lease_until(now);
     let lease = (engine.owner.clone(), lease_until, permits.len());
     // Acknowledge only after commit.
     let left = match engine

@@ -199,7 +199,7 @@ pub async fn handle(engine: Arc<Engine>, item: QueueItem, go_on: bool) -> Option
     let run_id = apply.run_id.clone();
     let new_work = NewWork::of(&apply, limited);
     let now = engine.now();
-    let lease_until = now + engine.config.lease.as_millis() as i64;
+    let lease_until = engine.lease_until(now);
     let applied: StoreResult<(Option<QueueItem>, Left)> = if go_on {
         engine
             .store

@@ -134,6 +134,11 @@ impl Engine {
         self.clock.now_ms()
     }
 
+    /// The end of a lease taken at `now` (unix ms).
+    pub fn lease_until(&self, now: i64) -> i64 {
+        now + self.config.lease.as_millis() as i64
+    }
+
     /// The matcher as the store wants it.
     pub fn pause_matcher(&self) -> Arc<dyn store::PauseMatcher> {
         self.matcher.clone()

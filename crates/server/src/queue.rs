@@ -148,7 +148,7 @@ pub async fn run_workers(engine: Arc<Engine>) {
             continue;
         }
         let now = engine.now();
-        let lease_until = now + engine.config.lease.as_millis() as i64;
+        let lease_until = engine.lease_until(now);
         let next_due = match engine
             .store
             .claim_next(&engine.owner, now, lease_until, free)
@@ -200,7 +200,7 @@ async fn renew_leases(engine: Arc<Engine>) {
         if ids.is_empty() {
             continue;
         }
-        let until = engine.now() + engine.config.lease.as_millis() as i64;
+        let until = engine.lease_until(engine.now());
         let (asked, began) = (ids.len(), std::time::Instant::now());
         match engine.store.renew(&engine.owner, ids, until).await {
             Ok(held) => {
@@ -234,7 +234,7 @@ pub async fn lease_held(engine: &Engine, id: &str) -> bool {
     if until.is_some_and(|u| u - now >= lease / 2) {
         return true;
     }
-    let until = now + lease;
+    let until = engine.lease_until(now);
     match engine
         .store
         .renew(&engine.owner, vec![id.to_string()], until)

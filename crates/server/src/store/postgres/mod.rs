@@ -1647,10 +1647,15 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(|e| {
-            StoreError::Backend(format!("PostgreSQL connection: {}", pool_message(&e)))
-        })
+        connection(&self.pool).await
     }
+}
+
+/// A connection from `pool`, or an error saying why there is none.
+async fn connection(pool: &Pool) -> StoreResult<deadpool_postgres::Object> {
+    pool.get()
+        .await
+        .map_err(|e| StoreError::Backend(format!("PostgreSQL connection: {}", pool_message(&e))))
 }
 
 /// `host:port/db` of a config, for messages (never the password).
@@ -2187,9 +2192,7 @@ impl Store for PostgresStore {
         }
         // Not from the shared pool: behind a busy pool's queue a renewal can wait longer than
         // the lease, and another node would take over items this one is still working on.
-        let c = self.lease_pool.get().await.map_err(|e| {
-            StoreError::Backend(format!("PostgreSQL connection: {}", pool_message(&e)))
-        })?;
+        let c = connection(&self.lease_pool).await?;
         // One statement is one transaction. Rows another transaction has locked (a result
         // being applied, a wait being resumed) are skipped rather than waited for: one such
         // row held the whole renewal back for a second under load, long enough for the other
