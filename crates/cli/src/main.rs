@@ -79,7 +79,9 @@ struct DevArgs {
     )]
     sdk_url: Vec<String>,
     /// Store: `sqlite://PATH`, or `postgres://USER@HOST:PORT/DB` to share one database
-    /// between several `cairn` processes.
+    /// between several `cairn` processes. TLS to PostgreSQL is asked for in the URL:
+    /// `?sslmode=require` (encrypted), `verify-ca` or `verify-full` (certificate checked
+    /// against `sslrootcert=PATH`, or public roots without it).
     #[arg(
         long,
         env = "CAIRN_DATABASE_URL",
@@ -99,7 +101,9 @@ struct StartArgs {
     #[arg(long = "event-key", env = "CAIRN_EVENT_KEY", value_delimiter = ',')]
     event_key: Vec<String>,
     /// Store: `sqlite://PATH`, or `postgres://USER@HOST:PORT/DB` to share one database
-    /// between several `cairn` processes.
+    /// between several `cairn` processes. TLS to PostgreSQL is asked for in the URL:
+    /// `?sslmode=require` (encrypted), `verify-ca` or `verify-full` (certificate checked
+    /// against `sslrootcert=PATH`, or public roots without it).
     #[arg(
         long,
         env = "CAIRN_DATABASE_URL",

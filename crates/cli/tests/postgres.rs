@@ -278,10 +278,34 @@ fn start_refuses_an_unreachable_database_clearly() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
+    // The cause, not only "error connecting to server".
     assert!(
-        err.contains("cannot connect to PostgreSQL") && err.contains(&format!("127.0.0.1:{port}")),
+        err.contains("cannot connect to PostgreSQL")
+            && err.contains(&format!("127.0.0.1:{port}"))
+            && err.contains("refused"),
         "{err}"
     );
+}
+
+#[test]
+fn start_refuses_a_wrong_tls_setting_before_connecting() {
+    let start = |url: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .arg("start")
+            .args(["--database-url", url])
+            .args(["--signing-key", KEY, "--event-key", EVENT_KEY])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{url} accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = start("postgres://postgres:secret@127.0.0.1:5432/test?sslmode=on");
+    assert!(err.contains("invalid sslmode \"on\""), "{err}");
+    assert!(!err.contains("secret"), "the password was echoed: {err}");
+    let err = start(
+        "postgres://postgres@127.0.0.1:5432/test?sslmode=verify-full&sslrootcert=%2Fno%2Fsuch.pem",
+    );
+    assert!(err.contains("sslrootcert /no/such.pem"), "{err}");
 }
 
 /// Three nodes on one database; every few seconds one of them is killed with SIGKILL and

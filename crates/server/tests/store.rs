@@ -1428,3 +1428,109 @@ async fn pg_a_run_held_here_is_not_marked_and_its_end_elsewhere_is_announced() {
     drop((a, b, feed));
     db.cleanup().await;
 }
+
+/// `sslmode` as libpq names it: plain unless asked; `require` encrypts without checking the
+/// certificate; `verify-ca` checks it against `sslrootcert`; `verify-full` also checks the
+/// host name. Needs the machine's PostgreSQL with `ssl=on` and its own certificate (Debian's
+/// default, a self-signed certificate for `localhost`).
+#[tokio::test]
+async fn pg_connects_over_tls_only_when_asked_and_checks_the_certificate_as_asked() {
+    let (db, schema, client) = pg_schema_and_client().await;
+    let show = |name: &'static str| {
+        let client = &client;
+        async move {
+            let row = client.query_one(&format!("SHOW {name}"), &[]).await;
+            row.unwrap().get::<_, String>(0)
+        }
+    };
+    assert_eq!(
+        show("ssl").await,
+        "on",
+        "this test needs PostgreSQL with ssl=on (Debian's default)"
+    );
+    let cert = show("ssl_cert_file").await;
+    let root = url::form_urlencoded::byte_serialize(cert.as_bytes()).collect::<String>();
+    let base = pg_url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    // Each store names its connections, so the server can say whether they are encrypted.
+    let open = |url: String, name: &'static str| {
+        let schema = schema.clone();
+        async move {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let url = format!("{url}{sep}application_name={name}");
+            let opts = PgOptions {
+                schema: Some(schema),
+                ..Default::default()
+            };
+            PostgresStore::connect(&url, opts).await
+        }
+    };
+    let encrypted = |name: &'static str| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(
+                    "SELECT count(*), coalesce(bool_and(s.ssl), false) FROM pg_stat_activity a \
+                     JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = $1",
+                    &[&name],
+                )
+                .await
+                .unwrap();
+            let (n, ssl): (i64, bool) = (row.get(0), row.get(1));
+            assert!(n > 0, "no connection named {name}");
+            ssl
+        }
+    };
+
+    let plain = open(base.clone(), "cairn_tls_plain").await.unwrap();
+    assert!(!encrypted("cairn_tls_plain").await);
+    let require = open(format!("{base}{sep}sslmode=require"), "cairn_tls_require")
+        .await
+        .unwrap();
+    assert!(encrypted("cairn_tls_require").await);
+    // The certificate names `localhost`, not 127.0.0.1: verify-ca does not look at the name.
+    let ip = base.replace("localhost", "127.0.0.1");
+    let ca = open(
+        format!("{ip}{sep}sslmode=verify-ca&sslrootcert={root}"),
+        "cairn_tls_verify_ca",
+    )
+    .await
+    .unwrap();
+    assert!(encrypted("cairn_tls_verify_ca").await);
+    let by_name = ip.replace("127.0.0.1", "localhost");
+    let full = open(
+        format!("{by_name}{sep}sslmode=verify-full&sslrootcert={root}"),
+        "cairn_tls_verify_full",
+    )
+    .await
+    .unwrap();
+    assert!(encrypted("cairn_tls_verify_full").await);
+
+    let refused = |r: Result<PostgresStore, StoreError>| match r {
+        Err(StoreError::Unusable(m)) => m,
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("connected"),
+    };
+    let wrong_name = refused(
+        open(
+            format!("{ip}{sep}sslmode=verify-full&sslrootcert={root}"),
+            "cairn_tls_wrong_name",
+        )
+        .await,
+    );
+    assert!(wrong_name.contains("not valid for name"), "{wrong_name}");
+    // Without sslrootcert the bundled public roots are used; a self-signed one is not among them.
+    for mode in ["verify-ca", "verify-full"] {
+        let untrusted = refused(
+            open(
+                format!("{by_name}{sep}sslmode={mode}"),
+                "cairn_tls_untrusted",
+            )
+            .await,
+        );
+        assert!(untrusted.contains("UnknownIssuer"), "{mode}: {untrusted}");
+    }
+    println!("{wrong_name}");
+    drop((plain, require, ca, full));
+    db.cleanup().await;
+}

@@ -37,6 +37,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 mod flow;
+mod tls;
 
 /// Schema version this build writes, stored in the `schema_version` table.
 pub const SCHEMA_VERSION: i64 = 4;
@@ -191,6 +192,8 @@ pub struct PostgresStore {
     last_repair: std::sync::atomic::AtomicI64,
     /// Where the `LISTEN` connection for [`Store::run_ends`] goes (the pool's settings).
     listen_cfg: tokio_postgres::Config,
+    /// Makes TLS connections when `listen_cfg`'s (and the pools') `ssl_mode` asks for it.
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// Fan-out of [`RUN_ENDED`] notifications while anyone holds a receiver: started by
     /// [`Store::run_ends`], stopped (and the `LISTEN` connection closed) by its task when the
     /// last receiver has gone.
@@ -215,6 +218,7 @@ const RUN_ENDS_BUFFER: usize = 1024;
 /// receiver is never handed out by a relay that is stopping).
 async fn listen_for_ends(
     cfg: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     tx: tokio::sync::broadcast::Sender<RunEnd>,
     listening_flag: Arc<std::sync::atomic::AtomicBool>,
     feed: Arc<parking_lot::Mutex<Option<EndsFeed>>>,
@@ -231,7 +235,7 @@ async fn listen_for_ends(
     };
     let mut idle_check = tokio::time::interval(Duration::from_secs(5));
     while !unwanted() {
-        let (client, mut conn) = match cfg.connect(tokio_postgres::NoTls).await {
+        let (client, mut conn) = match cfg.connect(tls.clone()).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %pg_message(&e), "listening for run ends: connecting");
@@ -311,10 +315,19 @@ type R<T> = Result<T, E>;
 
 /// The server's own message when there is one: `Display` of a driver error hides it.
 fn pg_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.code().code(), db.message());
     }
+    // tokio-postgres names only the kind of failure ("error connecting to server"); what
+    // happened (refused, a certificate not valid for the host) is in its sources.
+    let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cause = c.source();
+    }
+    msg
 }
 
 fn retryable(e: &E) -> bool {
@@ -1499,13 +1512,16 @@ impl PostgresStore {
     /// Connect to the database at `url` (`postgres://user@host:port/db`), apply pending
     /// migrations and return the store.
     ///
+    /// The URL's `sslmode` asks for TLS as libpq's does: `require` encrypts without checking
+    /// the server's certificate, `verify-ca` checks it against `sslrootcert` (a PEM file;
+    /// the bundled public roots without it), `verify-full` also checks the host name. Absent,
+    /// `disable`, `allow` or `prefer`, the connection is plain.
+    ///
     /// Fails with [`StoreError::Unusable`] when the server cannot be reached or refuses the
     /// login, and with [`StoreError::SchemaTooNew`] when a newer Cairn has migrated the
     /// database; it never drops or resets data.
     pub async fn connect(url: &str, opts: PgOptions) -> StoreResult<Self> {
-        let mut cfg: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| StoreError::Unusable(format!("invalid PostgreSQL URL: {e}")))?;
+        let (mut cfg, tls) = tls::configure(url)?;
         let target = describe(&cfg);
         // Options ride on the startup packet: no extra statement per connection.
         let mut options = cfg.get_options().unwrap_or_default().to_string();
@@ -1534,7 +1550,7 @@ impl PostgresStore {
         let manager = |cfg| {
             Manager::from_config(
                 cfg,
-                tokio_postgres::NoTls,
+                tls.clone(),
                 ManagerConfig {
                     recycling_method: RecyclingMethod::Fast,
                 },
@@ -1642,6 +1658,7 @@ impl PostgresStore {
             node: ulid::Ulid::new().to_string(),
             last_repair: Default::default(),
             listen_cfg,
+            tls,
             ends: Default::default(),
         })
     }
@@ -2100,6 +2117,7 @@ impl Store for PostgresStore {
         let listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn(listen_for_ends(
             self.listen_cfg.clone(),
+            self.tls.clone(),
             tx.clone(),
             listening.clone(),
             self.ends.clone(),
