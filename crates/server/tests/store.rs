@@ -1506,6 +1506,21 @@ async fn pg_connects_over_tls_only_when_asked_and_checks_the_certificate_as_aske
     .unwrap();
     assert!(encrypted("cairn_tls_verify_full").await);
 
+    // As libpq: over a Unix socket sslmode is ignored (the server offers no TLS there).
+    let dirs = show("unix_socket_directories").await;
+    let dir = dirs.split(',').next().unwrap().trim();
+    let dir = url::form_urlencoded::byte_serialize(dir.as_bytes()).collect::<String>();
+    let socket = open(
+        format!(
+            "{}{sep}sslmode=verify-full",
+            ip.replacen("127.0.0.1", &dir, 1)
+        ),
+        "cairn_tls_socket",
+    )
+    .await
+    .unwrap();
+    assert!(!encrypted("cairn_tls_socket").await);
+
     let refused = |r: Result<PostgresStore, StoreError>| match r {
         Err(StoreError::Unusable(m)) => m,
         Err(e) => panic!("{e}"),
@@ -1531,6 +1546,6 @@ async fn pg_connects_over_tls_only_when_asked_and_checks_the_certificate_as_aske
         assert!(untrusted.contains("UnknownIssuer"), "{mode}: {untrusted}");
     }
     println!("{wrong_name}");
-    drop((plain, require, ca, full));
+    drop((plain, require, ca, full, socket));
     db.cleanup().await;
 }

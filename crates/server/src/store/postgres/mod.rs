@@ -1515,7 +1515,7 @@ impl PostgresStore {
     /// The URL's `sslmode` asks for TLS as libpq's does: `require` encrypts without checking
     /// the server's certificate, `verify-ca` checks it against `sslrootcert` (a PEM file;
     /// the bundled public roots without it), `verify-full` also checks the host name. Absent,
-    /// `disable`, `allow` or `prefer`, the connection is plain.
+    /// `disable`, `allow` or `prefer`, or to a Unix socket, the connection is plain.
     ///
     /// Fails with [`StoreError::Unusable`] when the server cannot be reached or refuses the
     /// login, and with [`StoreError::SchemaTooNew`] when a newer Cairn has migrated the

@@ -3,6 +3,7 @@
 //! | `sslmode` | connection |
 //! |---|---|
 //! | absent, `disable`, `allow`, `prefer` | plain |
+//! | any, to a Unix socket | plain (the server offers no TLS there; libpq ignores `sslmode` too) |
 //! | `require` | encrypted; the certificate is not checked (as libpq), unless `sslrootcert` names roots, which makes it `verify-ca` (as libpq) |
 //! | `verify-ca` | encrypted; the certificate must chain to `sslrootcert`'s roots, or to the bundled Mozilla roots without it |
 //! | `verify-full` | as `verify-ca`, and the certificate must name the host the URL connects to |
@@ -22,7 +23,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::sync::Arc;
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// What the URL asked for.
@@ -94,7 +95,11 @@ pub(super) fn configure(url: &str) -> StoreResult<(tokio_postgres::Config, MakeR
         }
     }
     .with_no_client_auth();
-    cfg.ssl_mode(if mode == Mode::Plain {
+    // As libpq: no TLS over Unix sockets (the server offers none there), whatever `sslmode`
+    // says, so one URL serves a local socket and a remote host alike.
+    let hosts = cfg.get_hosts();
+    let on_sockets = !hosts.is_empty() && hosts.iter().all(|h| matches!(h, Host::Unix(_)));
+    cfg.ssl_mode(if mode == Mode::Plain || on_sockets {
         SslMode::Disable
     } else {
         SslMode::Require
@@ -266,6 +271,11 @@ mod tests {
             ("postgres://h/db?sslmode=require", SslMode::Require),
             ("postgres://h/db?sslmode=verify-full", SslMode::Require),
             ("host=h sslmode=require", SslMode::Require),
+            (
+                "postgres://u@%2Fvar%2Frun%2Fpostgresql/db?sslmode=verify-full",
+                SslMode::Disable,
+            ),
+            ("host=/tmp,h sslmode=require", SslMode::Require),
         ] {
             assert_eq!(configure(url).unwrap().0.get_ssl_mode(), want, "{url}");
         }
