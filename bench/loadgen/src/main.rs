@@ -204,6 +204,11 @@ struct NodesArgs {
     /// that take no traffic cost the one that does.
     #[arg(long = "nodes-send-to-first")]
     nodes_send_to_first: bool,
+    /// Query parameters added to the nodes' database URL, not to the bench's own connection:
+    /// `sslmode=require` measures TLS (with a `--pg-url` over TCP, which `bench/run`'s
+    /// loopback-only namespace cannot reach; run `cairn-bench` directly for that).
+    #[arg(long = "nodes-db-params")]
+    nodes_db_params: Option<String>,
 }
 
 struct Scenario {
@@ -1521,7 +1526,11 @@ async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
             admin
                 .batch_execute(&format!("CREATE DATABASE {db}"))
                 .await?;
-            let url = with_database(&a.pg_url, &db)?;
+            let mut url = with_database(&a.pg_url, &db)?;
+            if let Some(params) = &a.nodes_db_params {
+                url.push(if url.contains('?') { '&' } else { '?' });
+                url.push_str(params);
+            }
             eprintln!("- round {round}: {k} node(s), {n} runs at C={c}");
             let res = async {
                 let mut stack =
@@ -1590,6 +1599,9 @@ async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
             "run i sent to node i mod k and awaited there"
         }
     ));
+    if let Some(params) = &a.nodes_db_params {
+        md.push_str(&format!("The nodes' database URL adds `{params}`.\n\n"));
+    }
     md.push_str("| round | nodes | runs/s | p50 ms | p99 ms | server CPU-s /1k runs (all nodes) | PostgreSQL CPU-s /1k runs | app CPU-s /1k runs | statements / run | statements / SDK call | run ends announced / run | ok / errors |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for p in &phases {
         md.push_str(&format!(
@@ -1633,7 +1645,7 @@ async fn nodes(paths: &Paths, smoke: bool, a: &NodesArgs) -> Result<String> {
             if smoke { "smoke-" } else { "" },
             stamp()
         ),
-        &json!({ "machine": machine_description().trim(), "smoke": smoke, "postgres": version, "send_to_first": a.nodes_send_to_first, "phases": phases }),
+        &json!({ "machine": machine_description().trim(), "smoke": smoke, "postgres": version, "send_to_first": a.nodes_send_to_first, "db_params": a.nodes_db_params, "phases": phases }),
     )?;
     println!("results: {}", path.display());
     if errors > 0 {
