@@ -89,7 +89,7 @@ pub(super) fn configure(url: &str) -> StoreResult<(tokio_postgres::Config, MakeR
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(Lenient {
-                    roots: (mode == Mode::VerifyCa).then_some(Arc::new(roots)),
+                    roots: (mode == Mode::VerifyCa).then_some(roots),
                     provider,
                 }))
         }
@@ -160,7 +160,7 @@ fn read_roots(path: &str) -> StoreResult<RootCertStore> {
 /// connection is encrypted to whoever holds it.
 #[derive(Debug)]
 struct Lenient {
-    roots: Option<Arc<RootCertStore>>,
+    roots: Option<RootCertStore>,
     provider: Arc<CryptoProvider>,
 }
 
